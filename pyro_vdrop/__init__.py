@@ -1,0 +1,13 @@
+# SPDX-License-Identifier: Apache-2.0
+"""
+pyro-vdrop: variational dropout and the local reparameterization trick for Pyro.
+
+Kingma, Salimans, Welling. "Variational Dropout and the Local Reparameterization
+Trick." NeurIPS 2015.
+"""
+
+from pyro_vdrop import distributions, infer
+
+__version__ = "0.1.0.dev0"
+
+__all__ = ["__version__", "distributions", "infer"]

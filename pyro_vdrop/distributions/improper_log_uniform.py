@@ -1,0 +1,101 @@
+# SPDX-License-Identifier: Apache-2.0
+
+import torch
+from pyro.distributions import TorchDistribution
+from pyro.distributions.util import broadcast_shape
+from torch.distributions import constraints
+
+from .util import check_kl_approx
+
+
+class ImproperLogUniform(TorchDistribution):
+    r"""
+    The improper, scale-invariant log-uniform prior on the real line [1, §4],
+
+    .. math::
+
+        p(w) \propto \frac{1}{|w|}, \qquad \log p(w) = -\log |w| ,
+
+    i.e. :math:`\log |w|` is uniform on the whole real line. It is the prior under
+    which Gaussian dropout is exact variational inference: the KL divergence from a
+    variational-dropout posterior :math:`q(w) = \mathcal{N}(\theta, \alpha\theta^2)`
+    depends on :math:`\alpha` alone, and is registered with
+    :func:`torch.distributions.kl.kl_divergence` (see :mod:`pyro_vdrop.distributions.kl`).
+
+    The prior is improper: it has no normalising constant and cannot be sampled.
+    Use it as the prior of weight sites together with a variational-dropout guide
+    (:class:`~pyro_vdrop.infer.AutoVariationalDropout`) or any guide whose site
+    distributions are :class:`~pyro.distributions.Normal`, and an ELBO that uses the
+    analytic KL (:class:`~pyro.infer.TraceMeanField_ELBO`)::
+
+        self.fc.weight = PyroSample(ImproperLogUniform().expand([10, 784]).to_event(2))
+
+    .. warning:: Hron, Matthews and Ghahramani (2018) show that with this prior the
+        true posterior is generally improper and that sparsity under it is not a
+        Bayesian Occam effect; read the KL as a regulariser. See the README's
+        "Caveats".
+
+    :param torch.Size batch_shape: The batch shape (usually set with :meth:`expand`).
+    :param torch.Size event_shape: The event shape (usually set with ``.to_event()``).
+    :param str kl_approx: The approximation used by the registered KL divergence
+        when the guide's distribution does not choose one: ``"molchanov"`` (default)
+        or ``"kingma"``; see :func:`~pyro_vdrop.distributions.log_uniform_kl`.
+
+    **References**
+
+    [1] Kingma, Salimans, Welling. "Variational Dropout and the Local
+        Reparameterization Trick." NeurIPS 2015.
+    """
+
+    arg_constraints = {}
+    support = constraints.real
+    has_rsample = False
+
+    def __init__(
+        self, batch_shape=torch.Size(), event_shape=torch.Size(), *, kl_approx="molchanov", validate_args=None
+    ):
+        self.kl_approx = check_kl_approx(kl_approx)
+        super().__init__(torch.Size(batch_shape), torch.Size(event_shape), validate_args=validate_args)
+
+    def expand(self, batch_shape, _instance=None):
+        new = self._get_checked_instance(ImproperLogUniform, _instance)
+        new.kl_approx = self.kl_approx
+        super(ImproperLogUniform, new).__init__(torch.Size(batch_shape), self.event_shape, validate_args=False)
+        new._validate_args = self._validate_args
+        return new
+
+    def log_prob(self, value):
+        if self._validate_args:
+            self._validate_sample(value)
+            if (value == 0).any():
+                raise ValueError(
+                    "ImproperLogUniform.log_prob got a value of exactly 0, where the density 1/|w| is infinite. "
+                    "This usually means a guide put a zero-variance point mass at w = 0 (e.g. a weight "
+                    "initialised to 0 with a multiplicative variational-dropout posterior); initialise the "
+                    "weights away from 0 or use an ELBO with the analytic KL (TraceMeanField_ELBO)."
+                )
+        log_p = -value.abs().log()
+        if self.event_dim:
+            log_p = log_p.sum(tuple(range(-self.event_dim, 0)))
+        shape = broadcast_shape(log_p.shape, self.batch_shape)
+        return log_p.expand(shape)
+
+    def sample(self, sample_shape=torch.Size()):
+        raise NotImplementedError(
+            "ImproperLogUniform is an improper prior (p(w) ∝ 1/|w| has no normalising constant) and cannot be "
+            "sampled. Use it as the prior of a weight site with a variational-dropout guide, e.g. "
+            "pyro_vdrop.infer.AutoVariationalDropout(model), and train with TraceMeanField_ELBO; to draw "
+            "weights, sample from the guide (pyro.infer.Predictive(model, guide=guide, ...))."
+        )
+
+    def rsample(self, sample_shape=torch.Size()):
+        return self.sample(sample_shape)
+
+    def __repr__(self):
+        return (
+            f"{type(self).__name__}(batch_shape={tuple(self.batch_shape)}, event_shape={tuple(self.event_shape)}, "
+            f"kl_approx={self.kl_approx!r})"
+        )
+
+
+__all__ = ["ImproperLogUniform"]

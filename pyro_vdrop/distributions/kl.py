@@ -1,0 +1,109 @@
+# SPDX-License-Identifier: Apache-2.0
+r"""
+KL divergences from variational-dropout posteriors to the log-uniform prior.
+
+With :math:`q(w) = \mathcal{N}(\theta, \alpha\theta^2)` and :math:`p(w) \propto 1/|w|`,
+
+.. math::
+
+    -\mathrm{KL}(q \,\|\, p) = C + \tfrac{1}{2}\log\alpha
+        - \mathbb{E}_{\varepsilon\sim\mathcal{N}(1,\alpha)}\log|\varepsilon| ,
+
+which has no closed form and, the prior being improper, is defined only up to the
+constant :math:`C` [1, §4]. Two published fits are offered by :func:`log_uniform_kl`.
+The registered KLs let :class:`~pyro.infer.TraceMeanField_ELBO` use them analytically,
+including through ``.to_event()`` (``Independent``) wrappers.
+"""
+
+import torch
+import torch.nn.functional as F
+from torch.distributions import Normal, register_kl
+
+from .correlated_variational_dropout_normal import CorrelatedVariationalDropoutNormal
+from .improper_log_uniform import ImproperLogUniform
+from .util import check_kl_approx, safe_log_abs
+from .variational_dropout_normal import VariationalDropoutNormal
+
+# Kingma, Salimans, Welling (2015), §3.3 / eq. (10): cubic fit of -KL for α ≤ 1.
+KINGMA_C1 = 1.16145124
+KINGMA_C2 = -1.50204118
+KINGMA_C3 = 0.58629921
+# Molchanov, Ashukha, Vetrov (2017), eq. (14): sigmoid fit of -KL valid for every α.
+MOLCHANOV_K1 = 0.63576
+MOLCHANOV_K2 = 1.87320
+MOLCHANOV_K3 = 1.48695
+
+
+def log_uniform_kl(log_alpha, approx="molchanov"):
+    r"""
+    Elementwise :math:`\mathrm{KL}(\mathcal{N}(\theta, \alpha\theta^2) \,\|\, p(w) \propto 1/|w|)`
+    as a function of :math:`\log\alpha`.
+
+    - ``"molchanov"`` [2]: :math:`-\mathrm{KL} \approx k_1\sigma(k_2 + k_3\log\alpha)
+      - \tfrac{1}{2}\log(1 + 1/\alpha) - k_1`, valid for every :math:`\alpha`. Its constant is
+      chosen so that the KL tends to 0 as :math:`\alpha \to \infty` (a weight that is pure
+      noise costs nothing); this corresponds to
+      :math:`C = -\tfrac{1}{2}(\gamma + \log 2) \approx -0.635` in the exact expression
+      above, since :math:`\mathbb{E}\log|z| = -\tfrac{1}{2}(\gamma + \log 2)` for
+      :math:`z \sim \mathcal{N}(0, 1)` (:math:`\gamma` is Euler's constant).
+    - ``"kingma"`` [1]: :math:`-\mathrm{KL} \approx \tfrac{1}{2}\log\alpha + c_1\alpha + c_2\alpha^2
+      + c_3\alpha^3`, fitted for :math:`\alpha \le 1` with the published constant dropped
+      (:math:`C = 0` in that formula; the KL is therefore not 0 at any special point and
+      can be negative: :math:`-(c_1 + c_2 + c_3) \approx -0.246` at :math:`\alpha = 1`). As in
+      the paper, :math:`\alpha` is clamped at 1 inside this fit, so the KL is constant and
+      its gradient with respect to :math:`\log\alpha` is zero for :math:`\alpha > 1`;
+      guides that use it should cap :math:`\log\alpha` at 0.
+
+    Both are finite, with finite gradients, for every finite :math:`\log\alpha`
+    (tested for :math:`\log\alpha \in [-20, 20]`). Their accuracy against numerical
+    quadrature of the exact expectation is tested in ``tests/distributions/test_kl.py``.
+
+    :param torch.Tensor log_alpha: :math:`\log\alpha`, any shape.
+    :param str approx: ``"molchanov"`` (default) or ``"kingma"``.
+    :returns: the KL divergence, elementwise, with the shape of ``log_alpha``.
+    :rtype: torch.Tensor
+
+    **References**
+
+    [1] Kingma, Salimans, Welling. "Variational Dropout and the Local
+        Reparameterization Trick." NeurIPS 2015.
+    [2] Molchanov, Ashukha, Vetrov. "Variational Dropout Sparsifies Deep Neural
+        Networks." ICML 2017.
+    """
+    check_kl_approx(approx)
+    if not torch.is_tensor(log_alpha):
+        log_alpha = torch.as_tensor(log_alpha, dtype=torch.get_default_dtype())
+    if approx == "molchanov":
+        neg_kl = (
+            MOLCHANOV_K1 * torch.sigmoid(MOLCHANOV_K2 + MOLCHANOV_K3 * log_alpha)
+            - 0.5 * F.softplus(-log_alpha)
+            - MOLCHANOV_K1
+        )
+    else:
+        log_alpha = log_alpha.clamp(max=0.0)
+        alpha = log_alpha.exp()
+        neg_kl = 0.5 * log_alpha + alpha * (KINGMA_C1 + alpha * (KINGMA_C2 + alpha * KINGMA_C3))
+    return -neg_kl
+
+
+def _expand_kl(kl, q, p):
+    shape = torch.broadcast_shapes(q.batch_shape, p.batch_shape)
+    return kl.expand(shape) if kl.shape != shape else kl
+
+
+@register_kl(VariationalDropoutNormal, ImproperLogUniform)
+@register_kl(CorrelatedVariationalDropoutNormal, ImproperLogUniform)
+def _kl_variationaldropoutnormal_improperloguniform(q, p):
+    log_alpha = q.log_alpha
+    if q.log_alpha_clip is not None:
+        log_alpha = log_alpha.clamp(*q.log_alpha_clip)
+    kl = log_uniform_kl(log_alpha, q.kl_approx or p.kl_approx)
+    return _expand_kl(kl, q, p)
+
+
+@register_kl(Normal, ImproperLogUniform)
+def _kl_normal_improperloguniform(q, p):
+    # Any factorized Normal N(μ, σ²) is a dropout posterior with α = σ²/μ².
+    log_alpha = 2 * (safe_log_abs(q.scale) - safe_log_abs(q.loc))
+    kl = log_uniform_kl(log_alpha, p.kl_approx)
+    return _expand_kl(kl, q, p)

@@ -1,0 +1,24 @@
+# SPDX-License-Identifier: Apache-2.0
+
+import torch
+
+#: The approximations of KL(N(θ, αθ²) ‖ log-uniform) offered by :func:`~pyro_vdrop.distributions.log_uniform_kl`.
+KL_APPROXIMATIONS = ("molchanov", "kingma")
+
+
+def check_kl_approx(kl_approx):
+    """
+    Returns ``kl_approx`` if it names a known KL approximation, else raises a
+    :class:`ValueError` that lists the choices.
+    """
+    if kl_approx not in KL_APPROXIMATIONS:
+        raise ValueError(f"kl_approx must be one of {KL_APPROXIMATIONS}, got {kl_approx!r}")
+    return kl_approx
+
+
+def safe_log_abs(x):
+    """
+    ``log|x|`` with ``|x|`` clamped at the smallest positive normal number of its
+    dtype, so that ``x = 0`` gives a large finite value and a zero (not NaN) gradient.
+    """
+    return x.abs().clamp(min=torch.finfo(x.dtype).tiny).log()

@@ -1,0 +1,119 @@
+# SPDX-License-Identifier: Apache-2.0
+
+import torch
+from pyro.distributions import Normal
+from torch.distributions import constraints
+from torch.distributions.utils import broadcast_all
+
+from .util import check_kl_approx, safe_log_abs
+
+
+class VariationalDropoutNormal(Normal):
+    r"""
+    The variational-dropout posterior of a weight [1, §3]: a reparameterized Normal
+
+    .. math::
+
+        q(w) = \mathcal{N}(w \mid \theta, \alpha\theta^2), \qquad
+        \text{scale} = \exp(\tfrac{1}{2}\log\alpha)\,|\theta| ,
+
+    so that multiplying ``loc`` by Gaussian noise :math:`\xi \sim \mathcal{N}(1, \alpha)`
+    gives a sample (Gaussian dropout with rate :math:`\alpha`). Against the
+    :class:`~pyro_vdrop.distributions.ImproperLogUniform` prior its KL divergence depends
+    on :math:`\log\alpha` alone and is registered with :func:`torch.distributions.kl.kl_divergence`.
+
+    Two parameterizations share this class:
+
+    - multiplicative (the paper's): ``VariationalDropoutNormal(loc, log_alpha)``;
+    - additive (sparse variational dropout [2]): ``VariationalDropoutNormal.from_additive(loc, log_sigma2)``
+      with :math:`\sigma^2 = \alpha\theta^2` learned directly, so that gradients with respect
+      to :math:`\theta` are not dominated by the multiplicative noise;
+      :attr:`log_alpha` is then derived as :math:`\log\sigma^2 - \log\theta^2`.
+
+    Everything a :class:`~pyro.distributions.Normal` offers (``rsample``, ``log_prob``,
+    ``entropy``, ``mean``, ``variance``, ``expand``, ``to_event``) works, and guides or
+    effect handlers that understand a factorized Normal understand this class too.
+
+    :param torch.Tensor loc: The mean :math:`\theta`.
+    :param torch.Tensor log_alpha: :math:`\log\alpha`, broadcastable with ``loc``
+        (e.g. one value per layer, per unit, or per weight).
+    :param str kl_approx: The KL approximation (``"molchanov"`` or ``"kingma"``) used against
+        :class:`~pyro_vdrop.distributions.ImproperLogUniform`; ``None`` (default) defers to the prior's.
+    :param tuple log_alpha_clip: Optional ``(low, high)`` bounds applied to :math:`\log\alpha`
+        inside the KL only (sparse variational dropout uses ``(-8, 8)`` [2]). The sampling
+        distribution is unchanged.
+
+    **References**
+
+    [1] Kingma, Salimans, Welling. "Variational Dropout and the Local
+        Reparameterization Trick." NeurIPS 2015.
+    [2] Molchanov, Ashukha, Vetrov. "Variational Dropout Sparsifies Deep Neural
+        Networks." ICML 2017.
+    """
+
+    arg_constraints = {"loc": constraints.real, "log_alpha": constraints.real}
+    support = constraints.real
+    has_rsample = True
+
+    def __init__(self, loc, log_alpha, *, kl_approx=None, log_alpha_clip=None, validate_args=None):
+        loc, log_alpha = broadcast_all(loc, log_alpha)
+        scale = (0.5 * log_alpha).exp() * loc.abs()
+        self._init(loc, log_alpha, scale, kl_approx, log_alpha_clip, validate_args, "multiplicative")
+
+    @classmethod
+    def from_additive(cls, loc, log_sigma2, *, kl_approx=None, log_alpha_clip=None, validate_args=None):
+        r"""
+        Builds the posterior from the additive parameterization of sparse variational
+        dropout [2]: :math:`q(w) = \mathcal{N}(\theta, \sigma^2)` with
+        :math:`\log\alpha = \log\sigma^2 - \log\theta^2` (``|θ|`` is clamped at the dtype's
+        smallest normal number so that ``θ = 0`` gives a large finite ``log_alpha``).
+
+        :param torch.Tensor loc: The mean :math:`\theta`.
+        :param torch.Tensor log_sigma2: :math:`\log\sigma^2`, broadcastable with ``loc``.
+        :rtype: VariationalDropoutNormal
+        """
+        loc, log_sigma2 = broadcast_all(loc, log_sigma2)
+        log_alpha = log_sigma2 - 2 * safe_log_abs(loc)
+        scale = (0.5 * log_sigma2).exp()
+        new = cls.__new__(cls)
+        new._init(loc, log_alpha, scale, kl_approx, log_alpha_clip, validate_args, "additive")
+        return new
+
+    def _init(self, loc, log_alpha, scale, kl_approx, log_alpha_clip, validate_args, parameterization):
+        if kl_approx is not None:
+            check_kl_approx(kl_approx)
+        if log_alpha_clip is not None:
+            low, high = log_alpha_clip
+            if not low < high:
+                raise ValueError(f"log_alpha_clip must be (low, high) with low < high, got {log_alpha_clip!r}")
+        self.loc = loc
+        self.log_alpha = log_alpha
+        # A zero scale (θ = 0 with the multiplicative form) would make log_prob NaN: floor it
+        # where its square is still a normal number.
+        self.scale = scale.clamp(min=torch.finfo(scale.dtype).tiny ** 0.5)
+        self.kl_approx = kl_approx
+        self.log_alpha_clip = log_alpha_clip
+        self.parameterization = parameterization
+        super(torch.distributions.Normal, self).__init__(loc.shape, validate_args=validate_args)
+
+    @property
+    def alpha(self):
+        r"""The dropout variance :math:`\alpha = \exp(\log\alpha)`."""
+        return self.log_alpha.exp()
+
+    def expand(self, batch_shape, _instance=None):
+        new = self._get_checked_instance(VariationalDropoutNormal, _instance)
+        batch_shape = torch.Size(batch_shape)
+        new.loc = self.loc.expand(batch_shape)
+        new.log_alpha = self.log_alpha.expand(batch_shape)
+        new.scale = self.scale.expand(batch_shape)
+        new.kl_approx = self.kl_approx
+        new.log_alpha_clip = self.log_alpha_clip
+        new.parameterization = self.parameterization
+        super(torch.distributions.Normal, new).__init__(batch_shape, validate_args=False)
+        new._validate_args = self._validate_args
+        return new
+
+    def __repr__(self):
+        sizes = f"loc: {self.loc.size()}, log_alpha: {self.log_alpha.size()}"
+        return f"{type(self).__name__}({sizes}, {self.parameterization})"

@@ -1,0 +1,130 @@
+# SPDX-License-Identifier: Apache-2.0
+import math
+
+import pyro.distributions as dist
+import pytest
+import torch
+
+from pyro_vdrop.distributions import CorrelatedVariationalDropoutNormal, VariationalDropoutNormal
+
+
+@pytest.mark.parametrize(
+    "loc_shape,log_alpha_shape",
+    [((), ()), ((3,), ()), ((2, 3), (3,)), ((2, 3), (2, 1)), ((1, 3), (4, 1))],
+)
+def test_broadcasting_and_moments(loc_shape, log_alpha_shape):
+    loc = torch.randn(loc_shape)
+    log_alpha = torch.randn(log_alpha_shape)
+    d = VariationalDropoutNormal(loc, log_alpha)
+    shape = torch.broadcast_shapes(loc_shape, log_alpha_shape)
+    assert d.batch_shape == shape and d.event_shape == ()
+    assert d.log_alpha.shape == shape
+    torch.testing.assert_close(d.mean, loc.expand(shape))
+    torch.testing.assert_close(d.variance, (log_alpha.exp() * loc**2).expand(shape))
+    torch.testing.assert_close(d.scale, (0.5 * log_alpha).exp() * loc.abs())
+    assert d.rsample([5]).shape == (5,) + shape
+
+
+def test_matches_normal_log_prob_and_entropy():
+    loc, log_alpha = torch.randn(4), torch.randn(4)
+    d = VariationalDropoutNormal(loc, log_alpha)
+    ref = dist.Normal(loc, (0.5 * log_alpha).exp() * loc.abs())
+    x = torch.randn(6, 4)
+    torch.testing.assert_close(d.log_prob(x), ref.log_prob(x))
+    torch.testing.assert_close(d.entropy(), ref.entropy())
+
+
+def test_sample_moments_monte_carlo():
+    # 200k draws: the standard error of the variance estimate is ~0.3%; allow 2%.
+    torch.manual_seed(0)
+    loc, log_alpha = torch.tensor([2.0, -0.5]), torch.tensor([math.log(0.25), 0.0])
+    x = VariationalDropoutNormal(loc, log_alpha).sample([200_000])
+    torch.testing.assert_close(x.mean(0), loc, atol=0.01, rtol=0)
+    torch.testing.assert_close(x.var(0), log_alpha.exp() * loc**2, rtol=0.02, atol=0)
+
+
+def test_rsample_gradients():
+    loc = torch.tensor([1.5, -2.0], requires_grad=True)
+    log_alpha = torch.tensor([-1.0, 0.0], requires_grad=True)
+    VariationalDropoutNormal(loc, log_alpha).rsample().sum().backward()
+    assert torch.isfinite(loc.grad).all() and torch.isfinite(log_alpha.grad).all()
+    assert (log_alpha.grad != 0).all()
+
+
+def test_expand_keeps_options():
+    d = VariationalDropoutNormal(torch.randn(3), torch.zeros(()), kl_approx="kingma", log_alpha_clip=(-8, 8))
+    e = d.expand([2, 3])
+    assert e.batch_shape == (2, 3) and e.log_alpha.shape == (2, 3)
+    assert e.kl_approx == "kingma" and e.log_alpha_clip == (-8, 8)
+    torch.testing.assert_close(e.scale[1], d.scale)
+    f = d.to_event(1)
+    assert f.event_shape == (3,) and f.batch_shape == ()
+
+
+def test_additive_parameterization_is_the_same_distribution():
+    loc, log_alpha = torch.randn(5, dtype=torch.float64), torch.randn(5, dtype=torch.float64)
+    log_sigma2 = log_alpha + 2 * loc.abs().log()
+    mult = VariationalDropoutNormal(loc, log_alpha)
+    add = VariationalDropoutNormal.from_additive(loc, log_sigma2)
+    assert add.parameterization == "additive" and mult.parameterization == "multiplicative"
+    torch.testing.assert_close(add.log_alpha, mult.log_alpha)
+    torch.testing.assert_close(add.scale, mult.scale)
+    x = torch.randn(5, dtype=torch.float64)
+    torch.testing.assert_close(add.log_prob(x), mult.log_prob(x))
+
+
+def test_additive_scale_gradient_does_not_flow_through_loc():
+    loc = torch.tensor([0.3], requires_grad=True)
+    log_sigma2 = torch.tensor([-2.0], requires_grad=True)
+    d = VariationalDropoutNormal.from_additive(loc, log_sigma2)
+    d.scale.sum().backward()
+    assert loc.grad is None or loc.grad.abs().sum() == 0
+    assert log_sigma2.grad.abs().sum() > 0
+
+
+def test_zero_loc_is_finite():
+    d = VariationalDropoutNormal(torch.zeros(3), torch.zeros(3))
+    assert torch.isfinite(d.log_prob(torch.zeros(3))).all()
+    add = VariationalDropoutNormal.from_additive(torch.zeros(3), torch.full((3,), -10.0))
+    assert torch.isfinite(add.log_alpha).all()
+
+
+def test_validation_errors():
+    with pytest.raises(ValueError, match="log_alpha"):
+        VariationalDropoutNormal(torch.zeros(2), torch.tensor([0.0, float("nan")]))
+    with pytest.raises(ValueError, match="kl_approx"):
+        VariationalDropoutNormal(torch.zeros(2), 0.0, kl_approx="nope")
+    with pytest.raises(ValueError, match="log_alpha_clip"):
+        VariationalDropoutNormal(torch.zeros(2), 0.0, log_alpha_clip=(8, -8))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_dtype_and_device_follow_inputs(dtype, device):
+    loc = torch.randn(3, dtype=dtype, device=device)
+    d = VariationalDropoutNormal(loc, torch.zeros(3, dtype=dtype, device=device))
+    x = d.rsample()
+    assert x.dtype == dtype and x.device == loc.device
+
+
+def test_correlated_noise_is_shared_along_input_columns():
+    # w = θ ⊙ s with s ~ N(1, α) per input unit: weights in one column are perfectly correlated
+    # (after dividing by θ), different columns are independent. 100k draws; tolerances ~5 s.e.
+    torch.manual_seed(1)
+    loc = torch.randn(3, 4)
+    log_alpha = torch.tensor([[-2.0, -1.0, 0.0, 0.5]])
+    d = CorrelatedVariationalDropoutNormal(loc, log_alpha)
+    assert d.batch_shape == (3, 4) and d.noise_shape == (1, 4)
+    w = d.rsample([100_000])
+    s = w / loc
+    torch.testing.assert_close(s[:, 0], s[:, 2])
+    torch.testing.assert_close(s.mean(0)[0], torch.ones(4), atol=0.02, rtol=0)
+    torch.testing.assert_close(s.var(0)[0], log_alpha.exp()[0], rtol=0.03, atol=0)
+    corr = torch.corrcoef(torch.stack([s[:, 0, 0], s[:, 0, 1]]))[0, 1]
+    assert corr.abs() < 0.015
+    # marginals equal the independent posterior's
+    torch.testing.assert_close(d.variance, VariationalDropoutNormal(loc, log_alpha).variance)
+    # expanding adds independent leading dims
+    e = d.expand([2, 3, 4])
+    assert e.noise_shape == (2, 1, 4)
+    we = e.rsample() / loc
+    assert not torch.allclose(we[0, 0], we[1, 0])
