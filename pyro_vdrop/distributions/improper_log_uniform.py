@@ -5,7 +5,7 @@ from pyro.distributions import TorchDistribution
 from pyro.distributions.util import broadcast_shape
 from torch.distributions import constraints
 
-from .util import check_kl_approx
+from .util import check_kl_approx, safe_log_abs
 
 
 class ImproperLogUniform(TorchDistribution):
@@ -65,16 +65,16 @@ class ImproperLogUniform(TorchDistribution):
         return new
 
     def log_prob(self, value):
+        r"""
+        :math:`-\log|w|`, summed over the event dims. At ``w = 0``, where the density is infinite,
+        :math:`|w|` is clamped at the smallest normal number of its dtype (about 87.3 for float32,
+        708.4 for float64), so that a weight sample that happens to be exactly 0 (which float32
+        sampling of a large layer does produce now and then) gives a large finite value rather
+        than ``inf`` and a crash.
+        """
         if self._validate_args:
             self._validate_sample(value)
-            if (value == 0).any():
-                raise ValueError(
-                    "ImproperLogUniform.log_prob got a value of exactly 0, where the density 1/|w| is infinite. "
-                    "This usually means a guide put a zero-variance point mass at w = 0 (e.g. a weight "
-                    "initialised to 0 with a multiplicative variational-dropout posterior); initialise the "
-                    "weights away from 0 or use an ELBO with the analytic KL (TraceMeanField_ELBO)."
-                )
-        log_p = -value.abs().log()
+        log_p = -safe_log_abs(value)
         if self.event_dim:
             log_p = log_p.sum(tuple(range(-self.event_dim, 0)))
         shape = broadcast_shape(log_p.shape, self.batch_shape)

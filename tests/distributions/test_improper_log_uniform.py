@@ -1,4 +1,6 @@
 # SPDX-License-Identifier: Apache-2.0
+import math
+
 import pyro
 import pyro.distributions as dist
 import pytest
@@ -46,12 +48,19 @@ def test_sampling_raises_with_advice(method):
         getattr(ImproperLogUniform().expand([3]), method)()
 
 
-def test_log_prob_zero_is_an_error_under_validation():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_log_prob_at_zero_is_large_but_finite(dtype):
+    # An exactly-zero float32 weight sample happens in large layers; it must not crash training.
     d = ImproperLogUniform().expand([2])
-    with pytest.raises(ValueError, match="exactly 0"):
-        d.log_prob(torch.tensor([1.0, 0.0]))
-    d = ImproperLogUniform(validate_args=False).expand([2])
-    assert d.log_prob(torch.tensor([1.0, 0.0]))[1] == float("inf")
+    log_p = d.log_prob(torch.tensor([1.0, 0.0], dtype=dtype))
+    assert torch.isfinite(log_p).all()
+    assert log_p[1] == pytest.approx(-math.log(torch.finfo(dtype).tiny))
+    assert log_p[1] > d.log_prob(torch.tensor([1.0, 1e-30], dtype=dtype))[1]
+
+
+def test_log_prob_validates_support():
+    with pytest.raises(ValueError, match="support"):
+        ImproperLogUniform().expand([2]).log_prob(torch.tensor([1.0, float("nan")]))
 
 
 def test_bad_kl_approx():
