@@ -41,13 +41,12 @@ class BayesianModule(PyroModule):
         """
         Runs the network on the minibatch ``x`` and observes ``y`` at the site ``"obs"``.
 
-        Posterior predictive draws with :class:`~pyro.infer.Predictive` (sequential, not ``parallel=True``:
-        torch layers take one weight sample at a time). Predictive first runs the model with
-        ``init_to_sample``, which the improper prior cannot do, so give the model an initialisation::
+        Posterior predictive draws with :class:`pyro_vdrop.infer.Predictive` (Pyro's ``Predictive`` first
+        samples the model from its prior, which the improper prior cannot do), sequential rather than
+        ``parallel=True`` (torch layers take one weight sample at a time)::
 
-            from pyro.infer.autoguide.initialization import InitMessenger
-            predictive = Predictive(InitMessenger(init_to_fan_in)(model), guide=guide, num_samples=100,
-                                    return_sites=["obs", "_RETURN"])   # "_RETURN": logits / means
+            predictive = pyro_vdrop.infer.Predictive(model, guide=guide, num_samples=100,
+                                                     return_sites=["obs", "_RETURN"])   # "_RETURN": logits / means
 
         :param torch.Tensor x: A minibatch of inputs, batch dimension first (what the torch network takes).
         :param torch.Tensor y: Observations: int64 class labels of shape ``(M,)`` (categorical), or targets

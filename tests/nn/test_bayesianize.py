@@ -3,14 +3,13 @@ import pyro
 import pyro.poutine as poutine
 import pytest
 import torch
-from pyro.infer import SVI, Predictive, TraceMeanField_ELBO
+from pyro.infer import SVI, TraceMeanField_ELBO
 from pyro.infer.autoguide import AutoNormal, init_to_value
-from pyro.infer.autoguide.initialization import InitMessenger
 from pyro.nn import PyroModule
 from torch import nn
 
 from pyro_vdrop.distributions import ImproperLogUniform
-from pyro_vdrop.infer import init_to_fan_in
+from pyro_vdrop.infer import Predictive, init_to_fan_in
 from pyro_vdrop.nn import BayesianModule, bayesianize, lenet5_caffe, mnist_mlp
 
 
@@ -198,8 +197,12 @@ def test_svi_regression_learns_noise_and_predicts():
     assert obs.shape == mean.shape == (n, 1)
     assert abs((obs - mean).std().item() / model.obs_scale.item() - 1) < 0.25  # 200 draws: sd of ratio ~0.05
     # the documented Predictive recipe
-    predictive = Predictive(InitMessenger(init_to_fan_in)(model), guide=guide, num_samples=5, return_sites=["obs"])
-    assert predictive(x)["obs"].shape == (5, n, 1)
+    predictive = Predictive(model, guide=guide, num_samples=50, return_sites=["obs", "_RETURN"])
+    draws = predictive(x)
+    assert draws["obs"].shape == (50, n, 1)
+    # draws of the likelihood, not a point estimate: their spread around the mean is the noise scale
+    spread = (draws["obs"] - draws["_RETURN"]).std().item() / model.obs_scale.item()
+    assert abs(spread - 1) < 0.1
 
 
 def test_pickle_round_trip(tmp_path):
