@@ -6,8 +6,8 @@ Kingma, Salimans, Welling. "Variational Dropout and the Local Reparameterization
 Trick." NeurIPS 2015.
 """
 
-from pyro_vdrop import distributions, infer
+from pyro_vdrop import datasets, distributions, infer, nn
 
 __version__ = "0.1.0.dev0"
 
-__all__ = ["__version__", "distributions", "infer"]
+__all__ = ["__version__", "datasets", "distributions", "infer", "nn"]
