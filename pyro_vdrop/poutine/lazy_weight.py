@@ -1,0 +1,520 @@
+# SPDX-License-Identifier: Apache-2.0
+"""The lazy Gaussian weight that :class:`~pyro_vdrop.poutine.LocalReparamMessenger` puts at a weight site."""
+
+import torch
+import torch.nn.functional as F
+from pyro.distributions import Independent
+from torch.distributions import Normal
+
+from pyro_vdrop.distributions import CorrelatedVariationalDropoutNormal
+
+# "lrt" and "flipout" are the estimators for training; "per-example" (an explicit weight sample per
+# example, M times the memory of a weight) and "mean" (no noise: the posterior mean) are references
+# for diagnostics such as pyro_vdrop.infer.gradient_variance.
+ESTIMATORS = ("lrt", "flipout", "per-example", "mean")
+
+# Queries that reveal only metadata (shape, dtype, device), never the values of a weight.
+_METADATA = {
+    torch.Tensor.shape.__get__,
+    torch.Tensor.ndim.__get__,
+    torch.Tensor.dtype.__get__,
+    torch.Tensor.device.__get__,
+    torch.Tensor.requires_grad.__get__,
+    torch.Tensor.is_cuda.__get__,
+    torch.Tensor.layout.__get__,
+    torch.Tensor.size,
+    torch.Tensor.dim,
+    torch.Tensor.numel,
+    torch.Tensor.nelement,
+    torch.Tensor.is_floating_point,
+    torch.Tensor.is_complex,
+    torch.Tensor.__len__,
+    torch.Tensor.get_device,
+}
+# Constructors that use only the metadata of their argument (e.g. the zero log-Jacobian of the
+# identity transform that AutoNormal applies to a real-valued site).
+_LIKE = {torch.zeros_like, torch.ones_like, torch.empty_like}
+_LINEAR = {F.linear}
+_CONV = {F.conv1d: 1, F.conv2d: 2, F.conv3d: 3}
+_MATMUL = {torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__, torch.Tensor.__rmatmul__, torch.mm}
+_TRANSPOSE = {torch.Tensor.t, torch.t, torch.Tensor.T.__get__, torch.Tensor.mT.__get__, torch.Tensor.transpose}
+_TRANSPOSE.add(torch.transpose)
+_RESHAPE = {torch.Tensor.reshape, torch.reshape, torch.Tensor.view}
+_ADD = {torch.add, torch.Tensor.add, torch.Tensor.__add__, torch.Tensor.__radd__}
+
+
+class LazyWeightError(RuntimeError):
+    """Raised when a lazy weight is used by an operation that the local reparameterization does not support."""
+
+
+def _op_name(func):
+    name = getattr(func, "__name__", repr(func))
+    if name == "__get__":
+        # property getters (``w.T``, ``w.mT``) show up as method-wrappers of a getset descriptor
+        owner = getattr(func, "__self__", None)
+        name = getattr(owner, "__name__", name)
+    return name
+
+
+def _rademacher(shape, like):
+    return torch.empty(shape, dtype=like.dtype, device=like.device).bernoulli_(0.5).mul_(2).sub_(1)
+
+
+class LazyWeight(torch.Tensor):
+    r"""
+    A Gaussian weight that is never sampled: the value of a weight site inside
+    :func:`~pyro_vdrop.poutine.local_reparam`.
+
+    It has the shape, dtype and device of the weight, and carries the weight's factorized
+    Gaussian posterior. A supported linear operation (``F.linear``, ``@``/``matmul``,
+    ``F.conv1d/2d/3d``, transposes and reshapes) returns a sample of its *output*
+    (the pre-activation) instead of the output for one weight sample [1, §2.3]:
+
+    .. math::
+
+        \gamma = \mathrm{op}(x, \mu), \qquad \delta = \mathrm{op}(x^2, \sigma^2), \qquad
+        b = \gamma + \sqrt{\delta} \odot \zeta, \quad \zeta \sim \mathcal{N}(0, I)
+
+    (``"lrt"``), or a Flipout sample [2] :math:`\mathrm{op}(x, \mu) + \mathrm{op}(x \odot s, \sigma
+    \odot \epsilon) \odot r` with random signs :math:`r, s` per example (``"flipout"``). With the
+    correlated posterior (:class:`~pyro_vdrop.distributions.CorrelatedVariationalDropoutNormal`,
+    "variational dropout A" [1, §3.3]) the noise shared by a weight's input (output) units is drawn
+    as Gaussian noise :math:`\xi \sim \mathcal{N}(1, \alpha)` on the op's input (output), once per
+    example: this is exact for either estimator.
+
+    Every other use of the tensor (elementwise maths, indexing, reading its values) raises a
+    :class:`LazyWeightError` naming the site and the operation, unless the handler was created
+    with ``fallback=True``, in which case one ordinary weight sample is drawn for the site.
+
+    Semantics: every leading index of a linear op's input is an example with its own,
+    independent weight noise; for convolutions LRT noise is independent per output element
+    (the marginal of every output is exact, as in [1]), Flipout and correlated noise per example.
+
+    **References**
+
+    [1] Kingma, Salimans, Welling. "Variational Dropout and the Local
+        Reparameterization Trick." NeurIPS 2015.
+    [2] Wen, Vicol, Ba, Tran, Grosse. "Flipout: Efficient Pseudo-Independent Weight
+        Perturbations on Mini-Batches." ICLR 2018.
+    """
+
+    @staticmethod
+    def __new__(cls, loc, scale=None, noise_scale=None, *, site, estimator, distribution, fallback, auxiliary):
+        self = torch.Tensor._make_subclass(cls, loc.detach(), False)
+        self._loc = loc
+        self._scale = scale  # independent noise: the standard deviation of every weight
+        self._noise_scale = noise_scale  # correlated noise: sqrt(alpha), broadcastable to loc
+        self.site = site
+        self.estimator = estimator
+        self.distribution = distribution
+        self.fallback = fallback
+        self.auxiliary = auxiliary
+        self.kl_scale = 1.0
+        self.kl_mask = None
+        self._sample = None
+        self._parent = None
+        self._view_fn = None
+        return self
+
+    def __init__(self, *args, **kwargs):
+        # Everything happens in __new__ (torch.Tensor.__init__ takes no arguments).
+        pass
+
+    @classmethod
+    def from_distribution(cls, fn, *, site, estimator, fallback=False, auxiliary=False):
+        """
+        Makes the lazy weight of a site from its (guide) distribution, or returns ``None`` when
+        the distribution is not a factorized Gaussian the local reparameterization understands.
+
+        :param fn: The site's distribution: a :class:`~torch.distributions.Normal` (including
+            :class:`~pyro_vdrop.distributions.VariationalDropoutNormal`) or a
+            :class:`~pyro_vdrop.distributions.CorrelatedVariationalDropoutNormal`, optionally
+            wrapped in ``.to_event(n)``.
+        :rtype: LazyWeight or None
+        """
+        base = fn
+        while isinstance(base, (Independent, torch.distributions.Independent)):
+            base = base.base_dist
+        if not isinstance(base, (Normal, CorrelatedVariationalDropoutNormal)):
+            return None
+        if base.batch_shape != fn.batch_shape + fn.event_shape:
+            return None
+        kwargs = dict(site=site, estimator=estimator, distribution=fn, fallback=fallback, auxiliary=auxiliary)
+        if isinstance(base, CorrelatedVariationalDropoutNormal):
+            if base.noise_shape == base.batch_shape:  # nothing shared: independent noise
+                return cls(base.loc, base.scale, **kwargs)
+            return cls(base.loc, noise_scale=(0.5 * base._noise_log_alpha()).exp(), **kwargs)
+        if isinstance(base, Normal):
+            return cls(base.loc, base.scale, **kwargs)
+        return None
+
+    def __repr__(self, *, tensor_contents=None):
+        return f"LazyWeight(site={self.site!r}, shape={tuple(self.shape)}, estimator={self.estimator!r})"
+
+    @property
+    def is_correlated(self):
+        return self._noise_scale is not None
+
+    # ----- transforms of the parameters (linear reshapes of the weight) -----
+
+    def _derive(self, fn):
+        """A lazy weight for ``fn(weight)``, where ``fn`` is a linear reshape (transpose, reshape, view)."""
+        new = LazyWeight(
+            fn(self._loc),
+            None if self._scale is None else fn(self._scale),
+            None if self._noise_scale is None else fn(self._noise_scale),
+            site=self.site,
+            estimator=self.estimator,
+            distribution=self.distribution,
+            fallback=self.fallback,
+            auxiliary=self.auxiliary,
+        )
+        new._parent = self
+        new._view_fn = fn
+        return new
+
+    def _root(self):
+        lazy = self
+        while lazy._parent is not None:
+            lazy = lazy._parent
+        return lazy
+
+    def materialize(self):
+        """One ordinary reparameterized sample of the weight (cached, so that every use agrees)."""
+        root = self._root()
+        if root._sample is None:
+            root._sample = root.distribution.rsample()
+        if root is self:
+            return root._sample
+        return _replay_views(self, root._sample)
+
+    # ----- dispatch -----
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        kwargs = {} if kwargs is None else kwargs
+        if func in _METADATA or func in _LIKE:
+            with torch._C.DisableTorchFunctionSubclass():
+                return func(*args, **kwargs)
+        lazies = [a for a in _flat(args, kwargs) if isinstance(a, LazyWeight)]
+        try:
+            if func in _LINEAR:
+                return _dispatch_linear(*args, **kwargs)
+            if func in _CONV:
+                return _dispatch_conv(_CONV[func], *args, **kwargs)
+            if func in _MATMUL:
+                return _dispatch_matmul(func, *args, **kwargs)
+            if func in _TRANSPOSE:
+                return _dispatch_transpose(func, *args, **kwargs)
+            if func in _RESHAPE:
+                return _dispatch_reshape(func, *args, **kwargs)
+            if func in _ADD:
+                return _dispatch_add(func, *args, **kwargs)
+        except _Unsupported as e:
+            reason = str(e)
+        else:
+            reason = "it is not linear in the weight"
+        return _fallback_or_raise(func, args, kwargs, lazies, reason)
+
+
+class _Unsupported(Exception):
+    pass
+
+
+def _flat(args, kwargs):
+    for a in list(args) + list(kwargs.values()):
+        if isinstance(a, (list, tuple)):
+            yield from a
+        else:
+            yield a
+
+
+def _fallback_or_raise(func, args, kwargs, lazies, reason):
+    name = _op_name(func)
+    strict = [lazy for lazy in lazies if not lazy.fallback or lazy.auxiliary]
+    if strict:
+        lazy = strict[0]
+        remedy = (
+            "Use the weight only in F.linear, matmul/@, F.conv1d/2d/3d (after transposes or reshapes), "
+            "add a lazy bias to a batch of pre-activations, or exclude the site from the handler with "
+            "local_reparam(sites=...)"
+        )
+        if lazy.auxiliary:
+            remedy += (
+                "; this site is the auxiliary unconstrained value of an autoguide, whose transform must be the "
+                "identity (real support): exclude the site"
+            )
+        else:
+            remedy += ", or pass local_reparam(fallback=True) to draw an ordinary weight sample for such uses"
+        raise LazyWeightError(
+            f"local_reparam: the weight of site {lazy.site!r} has no sampled value, and the operation "
+            f"{name!r} cannot consume it ({reason}). {remedy}."
+        )
+    # Explicit fallback (opt-in): use one ordinary weight sample per site.
+    args = _replace(args)
+    kwargs = {k: _replace(v) for k, v in kwargs.items()}
+    return func(*args, **kwargs)
+
+
+def _replace(a):
+    if isinstance(a, LazyWeight):
+        return a.materialize()
+    if isinstance(a, (list, tuple)):
+        return type(a)(_replace(x) for x in a)
+    return a
+
+
+# ----- view bookkeeping for the fallback -----
+
+
+def _replay_views(lazy, sample):
+    ops = []
+    while lazy._parent is not None:
+        ops.append(lazy._view_fn)
+        lazy = lazy._parent
+    for fn in reversed(ops):
+        sample = fn(sample)
+    return sample
+
+
+def _view(lazy, fn):
+    return lazy._derive(fn)
+
+
+# ----- transposes and reshapes -----
+
+
+def _dispatch_transpose(func, self, *args, **kwargs):
+    if not isinstance(self, LazyWeight):
+        raise _Unsupported("only the weight itself may be transposed")
+    if func in (torch.Tensor.T.__get__, torch.Tensor.t, torch.t):
+        if self.dim() > 2:
+            raise _Unsupported(".T / .t() of a weight with more than 2 dims")
+        return _view(self, lambda t: t.t() if t.dim() == 2 else t)
+    if func is torch.Tensor.mT.__get__:
+        return _view(self, lambda t: t.mT)
+    return _view(self, lambda t: t.transpose(*args, **kwargs))
+
+
+def _dispatch_reshape(func, self, *args, **kwargs):
+    if not isinstance(self, LazyWeight):
+        raise _Unsupported("only the weight itself may be reshaped")
+    if self.is_correlated:
+        raise _Unsupported("reshaping a weight with correlated noise would break the noise sharing")
+    if func is torch.Tensor.view:
+        if len(args) == 1 and isinstance(args[0], torch.dtype):
+            raise _Unsupported("view as another dtype reinterprets the weight's bits")
+        return _view(self, lambda t: t.reshape(*args, **kwargs))
+    return _view(self, lambda t: t.reshape(*args, **kwargs))
+
+
+# ----- linear maps -----
+
+
+def _check_weight(w, ndim, op):
+    if w.dim() != ndim:
+        raise _Unsupported(f"{op} needs a weight with {ndim} dims, got shape {tuple(w.shape)}")
+
+
+def _sample_like(lazy, shape):
+    """A sample of a (small, bias-like) lazy tensor, independent for every index of ``shape``."""
+    loc = lazy._loc
+    if lazy.is_correlated:
+        lead = tuple(shape[: len(shape) - loc.dim()])
+        noise = torch.randn(lead + tuple(lazy._noise_scale.shape), dtype=loc.dtype, device=loc.device)
+        return loc * (1 + lazy._noise_scale * noise)
+    return loc + lazy._scale * torch.randn(shape, dtype=loc.dtype, device=loc.device)
+
+
+def _add_bias(out, bias, channel_dim):
+    if bias is None:
+        return out
+    if isinstance(bias, LazyWeight):
+        # one bias sample per example (cheap: examples x units); shared across spatial positions
+        lead = out.shape[: channel_dim + 1] if channel_dim >= 0 else out.shape
+        b = _sample_like(bias, lead)
+        return out + b.reshape(b.shape + (1,) * (out.dim() - b.dim()))
+    if channel_dim >= 0 and out.dim() > channel_dim + 1:
+        bias = bias.reshape(bias.shape + (1,) * (out.dim() - channel_dim - 1))
+    return out + bias
+
+
+def _sqrt(delta):
+    # tiny keeps the gradient of sqrt finite where an example's inputs are all zero
+    return (delta + torch.finfo(delta.dtype).tiny).sqrt()
+
+
+def lazy_linear(x, w, bias=None):
+    r"""
+    A sample of ``F.linear(x, W, bias)`` for a lazy weight ``W`` of shape ``(out, in)``, independent
+    for every leading index of ``x``.
+
+    :param torch.Tensor x: Inputs of shape ``(..., in)``.
+    :param LazyWeight w: The lazy weight.
+    :param bias: ``None``, a tensor, or a lazy bias of shape ``(out,)``.
+    :rtype: torch.Tensor
+    """
+    _check_weight(w, 2, "linear")
+    if isinstance(x, LazyWeight):
+        raise _Unsupported("both operands are lazy")
+    loc = w._loc
+    if not w.is_correlated:
+        # a plain bias is fused into the mean's matmul (addmm)
+        plain_bias, bias = (bias, None) if torch.is_tensor(bias) and not isinstance(bias, LazyWeight) else (None, bias)
+        if w.estimator == "per-example":
+            ws = loc + w._scale * torch.randn(x.shape[:-1] + loc.shape, dtype=loc.dtype, device=loc.device)
+            out = torch.einsum("...i,...oi->...o", x, ws)
+            return _add_bias(out if plain_bias is None else out + plain_bias, bias, -1)
+        gamma = F.linear(x, loc, plain_bias)
+        if w.estimator == "mean":
+            out = gamma
+        elif w.estimator == "lrt":
+            out = gamma + _sqrt(F.linear(x * x, w._scale * w._scale)) * torch.randn_like(gamma)
+        else:
+            delta_w = w._scale * torch.randn_like(loc)
+            sign_in = _rademacher(x.shape, x)
+            sign_out = _rademacher(gamma.shape, gamma)
+            out = gamma + F.linear(x * sign_in, delta_w) * sign_out
+    else:
+        noise = w._noise_scale  # shape (1 or out, 1 or in)
+        n_out, n_in = noise.shape
+        if n_out == 1 and n_in == 1:
+            out = F.linear(x, loc)
+            eps = torch.randn(out.shape[:-1] + (1,), dtype=out.dtype, device=out.device)
+            out = out * (1 + noise.reshape(()) * eps)
+        elif n_out == 1:  # noise per input unit: Gaussian dropout on the inputs
+            out = F.linear(x * (1 + noise.reshape(-1) * torch.randn_like(x)), loc)
+        else:  # noise per output unit
+            out = F.linear(x, loc)
+            out = out * (1 + noise.reshape(-1) * torch.randn_like(out))
+    return _add_bias(out, bias, -1)
+
+
+def _dispatch_linear(input, weight, bias=None):
+    if not isinstance(weight, LazyWeight):
+        if isinstance(bias, LazyWeight):
+            return _add_bias(F.linear(input, weight), bias, -1)
+        raise _Unsupported("the input of F.linear cannot be lazy")
+    return lazy_linear(input, weight, bias)
+
+
+def _dispatch_matmul(func, a, b, **kwargs):
+    if kwargs:
+        raise _Unsupported(f"keyword arguments {sorted(kwargs)}")
+    if func is torch.Tensor.__rmatmul__:
+        a, b = b, a
+    if isinstance(a, LazyWeight) and isinstance(b, LazyWeight):
+        raise _Unsupported("both operands are lazy")
+    if isinstance(b, LazyWeight):
+        if b.dim() == 1:  # x @ w with w of shape (in,)
+            return lazy_linear(a, _view(b, lambda t: t.unsqueeze(0))).squeeze(-1)
+        _check_weight(b, 2, "matmul")
+        return lazy_linear(a, _view(b, lambda t: t.t()))
+    # W @ x: examples are the columns of x
+    if a.dim() == 1:
+        raise _Unsupported("a 1-dim lazy vector on the left of matmul")
+    _check_weight(a, 2, "matmul")
+    if b.dim() == 1:
+        return lazy_linear(b, a)
+    return lazy_linear(b.transpose(-1, -2), a).transpose(-1, -2)
+
+
+def _dispatch_add(func, a, b, **kwargs):
+    if kwargs:
+        raise _Unsupported(f"keyword arguments {sorted(kwargs)}")
+    if isinstance(a, LazyWeight) == isinstance(b, LazyWeight):
+        raise _Unsupported("exactly one operand of the addition may be lazy")
+    lazy, other = (a, b) if isinstance(a, LazyWeight) else (b, a)
+    if not torch.is_tensor(other):
+        raise _Unsupported("a lazy bias can only be added to a tensor of pre-activations")
+    shape = torch.broadcast_shapes(lazy.shape, other.shape)
+    if shape == lazy.shape or sum(s > 1 for s in lazy.shape) > 1:
+        raise _Unsupported(
+            "only a bias-like lazy tensor (one non-singleton dim) can be added to a batch of pre-activations"
+        )
+    return other + _sample_like(lazy, shape)
+
+
+def _expand_param(x, n):
+    if isinstance(x, int):
+        return (x,) * n
+    return tuple(x)
+
+
+def lazy_conv(nd, x, w, bias=None, stride=1, padding=0, dilation=1, groups=1):
+    r"""
+    A sample of ``F.conv{nd}d(x, W, bias, stride, padding, dilation, groups)`` for a lazy weight ``W``
+    of shape ``(out, in/groups, *kernel)``: :math:`\gamma = \mathrm{conv}(x, \mu)`,
+    :math:`\delta = \mathrm{conv}(x^2, \sigma^2)` (LRT), Flipout with signs per example and channel,
+    or correlated noise per example and input (output) channel.
+
+    :rtype: torch.Tensor
+    """
+    _check_weight(w, nd + 2, f"conv{nd}d")
+    if isinstance(x, LazyWeight):
+        raise _Unsupported("both operands are lazy")
+    conv = (F.conv1d, F.conv2d, F.conv3d)[nd - 1]
+    kw = dict(stride=stride, padding=padding, dilation=dilation, groups=groups)
+    unbatched = x.dim() == nd + 1
+    if unbatched:
+        x = x.unsqueeze(0)
+    loc = w._loc
+    spatial = (1,) * nd
+    if not w.is_correlated:
+        if w.estimator == "mean":
+            out = conv(x, loc, None, **kw)
+        elif w.estimator == "per-example":
+            n, groups = x.shape[0], kw.pop("groups")
+            ws = loc + w._scale * torch.randn((n,) + loc.shape, dtype=loc.dtype, device=loc.device)
+            out = conv(x.reshape(1, -1, *x.shape[2:]), ws.reshape(-1, *loc.shape[1:]), None, groups=n * groups, **kw)
+            out = out.reshape(n, loc.shape[0], *out.shape[2:])
+        elif w.estimator == "lrt":
+            gamma = conv(x, loc, None, **kw)
+            out = gamma + _sqrt(conv(x * x, w._scale * w._scale, None, **kw)) * torch.randn_like(gamma)
+        else:
+            delta_w = w._scale * torch.randn_like(loc)
+            gamma = conv(x, loc, None, **kw)
+            sign_in = _rademacher(x.shape[:2] + spatial, x)
+            sign_out = _rademacher(gamma.shape[:2] + spatial, gamma)
+            out = gamma + conv(x * sign_in, delta_w, None, **kw) * sign_out
+    else:
+        noise = w._noise_scale
+        if any(k != 1 for k in noise.shape[2:]):
+            raise _Unsupported(f"correlated noise along kernel positions (noise shape {tuple(noise.shape)})")
+        n_out, n_in = noise.shape[:2]
+        if n_in == 1:  # per output channel, or one noise for the whole layer
+            out = conv(x, loc, None, **kw)
+            eps = torch.randn(out.shape[:1] + (n_out,) + spatial, dtype=out.dtype, device=out.device)
+            out = out * (1 + noise.reshape((1, n_out) + spatial) * eps)
+        elif n_out == 1:  # per input channel (within a group; all groups share the noise variables)
+            eps = torch.randn(x.shape[0], n_in, dtype=x.dtype, device=x.device)
+            xi = (1 + noise.reshape(1, n_in) * eps).repeat(1, groups)
+            out = conv(x * xi.reshape(xi.shape + spatial), loc, None, **kw)
+        else:
+            raise _Unsupported(f"correlated noise of shape {tuple(noise.shape)}")
+    out = _add_bias(out, bias, 1)
+    return out.squeeze(0) if unbatched else out
+
+
+_CONV_ARGS = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
+
+
+def _dispatch_conv(nd, *args, **kwargs):
+    bound = dict(zip(_CONV_ARGS, args))
+    for k, v in kwargs.items():
+        if k not in _CONV_ARGS or k in bound:
+            raise _Unsupported(f"unexpected keyword argument {k!r}")
+        bound[k] = v
+    x, w = bound.pop("input"), bound.pop("weight")
+    if not isinstance(w, LazyWeight):
+        b = bound.pop("bias", None)
+        if isinstance(b, LazyWeight) and not isinstance(x, LazyWeight):
+            conv = (F.conv1d, F.conv2d, F.conv3d)[nd - 1]
+            out = conv(x if x.dim() == nd + 2 else x.unsqueeze(0), w, None, **bound)
+            out = _add_bias(out, b, 1)
+            return out if x.dim() == nd + 2 else out.squeeze(0)
+        raise _Unsupported("the input of a convolution cannot be lazy")
+    return lazy_conv(nd, x, w, **bound)
+
+
+__all__ = ["ESTIMATORS", "LazyWeight", "LazyWeightError", "lazy_conv", "lazy_linear"]

@@ -1,0 +1,189 @@
+# SPDX-License-Identifier: Apache-2.0
+
+from collections.abc import Callable, Collection
+
+import torch
+from pyro.distributions import Delta
+from pyro.distributions.score_parts import ScoreParts
+from pyro.distributions.util import scale_and_mask
+from pyro.poutine.messenger import Messenger
+from pyro.poutine.runtime import _PYRO_STACK
+from pyro.poutine.trace_messenger import TraceMessenger
+from torch.distributions import Independent, kl_divergence
+
+from .lazy_weight import ESTIMATORS, LazyWeight
+from .local_reparam_site import LocalReparamSite
+
+_AUX_SUFFIX = "_unconstrained"
+
+
+class LocalReparamMessenger(Messenger):
+    r"""
+    Samples pre-activations instead of weights: the local reparameterization trick [1, §2.3]
+    (or Flipout [2]) as an effect handler.
+
+    Inside this handler a latent site whose distribution is a factorized Gaussian —
+    :class:`~pyro_vdrop.distributions.VariationalDropoutNormal`, a plain
+    :class:`~pyro.distributions.Normal` (e.g. the auxiliary site of
+    :class:`~pyro.infer.autoguide.AutoNormal`), or
+    :class:`~pyro_vdrop.distributions.CorrelatedVariationalDropoutNormal`, optionally
+    ``.to_event(n)`` — gets no sampled value. Its value is a
+    :class:`~pyro_vdrop.poutine.LazyWeight` carrying the Gaussian; when the model feeds it to
+    ``F.linear``, ``@``/``matmul`` or ``F.conv1d/2d/3d`` the op returns a sample of the output
+
+    .. math::
+
+        b = \mathrm{op}(x, \mu) + \sqrt{\mathrm{op}(x^2, \sigma^2)} \odot \zeta, \qquad
+        \zeta \sim \mathcal{N}(0, I),
+
+    whose noise is independent across the examples of a minibatch, so the variance of the
+    ELBO gradient falls as :math:`1/M` [1, §2] at the cost of two matmuls and :math:`M \times J`
+    normals. Correlated (dropout "A") noise is drawn exactly as :math:`\xi \sim \mathcal{N}(1, \alpha)`
+    on the op's inputs (outputs), once per example.
+
+    **ELBO accounting.** The guide runs first: its site gets the lazy value and a zero log-density.
+    The model is replayed against it, and its site gets the analytic term
+    :math:`\log p - \log q \to -\mathrm{KL}(q\,\|\,p)` (via :func:`torch.distributions.kl_divergence`,
+    scaled and masked like the guide site), so no weight-sized sample or per-weight log-density is
+    computed. Hence :class:`~pyro.infer.TraceMeanField_ELBO` (recommended: it uses the same
+    analytic KL) and :class:`~pyro.infer.Trace_ELBO` both compute
+    :math:`\mathbb{E}[\log p(y \mid x, w)] - \mathrm{KL}(q \| p)`. A site without a registered KL
+    raises an error. The handler must be outside any :func:`~pyro.poutine.trace` whose trace is used
+    in an ELBO, e.g. around the ``svi.step`` call.
+
+    Example::
+
+        svi = SVI(model, guide, pyro.optim.Adam({"lr": 1e-3}), TraceMeanField_ELBO())
+        with local_reparam():
+            for x, y in loader:
+                svi.step(x, y)
+
+    :param str estimator: ``"lrt"`` (default, the local reparameterization trick) or ``"flipout"``;
+        for diagnostics also ``"per-example"`` (an explicit weight sample per example: exact but
+        :math:`M` weight-sized samples) and ``"mean"`` (no noise: the posterior mean weight).
+    :param sites: ``None`` (default: every site with a factorized Gaussian distribution), a
+        collection of site names, or a callable ``(name, msg) -> bool``. An autoguide's auxiliary
+        site ``"<name>_unconstrained"`` is selected by ``"<name>"``.
+    :param bool fallback: If ``True``, a lazy weight used by an unsupported operation is replaced by
+        one ordinary weight sample (drawn once per site and step). Off by default: such uses raise a
+        :class:`~pyro_vdrop.poutine.LazyWeightError` naming the site and the op.
+
+    **References**
+
+    [1] Kingma, Salimans, Welling. "Variational Dropout and the Local
+        Reparameterization Trick." NeurIPS 2015.
+    [2] Wen, Vicol, Ba, Tran, Grosse. "Flipout: Efficient Pseudo-Independent Weight
+        Perturbations on Mini-Batches." ICLR 2018.
+    """
+
+    def __init__(
+        self,
+        *,
+        estimator: str = "lrt",
+        sites: Collection[str] | Callable[[str, dict], bool] | None = None,
+        fallback: bool = False,
+    ):
+        if estimator not in ESTIMATORS:
+            raise ValueError(f"local_reparam: estimator must be one of {ESTIMATORS}, got {estimator!r}")
+        if not (sites is None or callable(sites) or isinstance(sites, Collection)) or isinstance(sites, str):
+            raise TypeError(
+                f"local_reparam: sites must be None, a collection of site names or a callable, got {sites!r}"
+            )
+        super().__init__()
+        self.estimator = estimator
+        self.sites = sites
+        self.fallback = bool(fallback)
+        self._origins = set()
+
+    def _selected(self, msg, auxiliary):
+        if self.sites is None:
+            return True
+        name = msg["name"]
+        if callable(self.sites):
+            return bool(self.sites(name, msg))
+        if auxiliary and name.endswith(_AUX_SUFFIX) and name[: -len(_AUX_SUFFIX)] in self.sites:
+            return True
+        return name in self.sites
+
+    def _pyro_sample(self, msg):
+        if msg["is_observed"] or msg["value"] is not None:
+            return
+        fn = msg["fn"]
+        base = fn
+        while isinstance(base, Independent):
+            base = base.base_dist
+        if isinstance(base, LocalReparamSite):
+            return
+        if isinstance(base, Delta) and isinstance(base.v, LazyWeight):
+            # An autoguide's (AutoNormal's) site on top of a lazy auxiliary value. The lazy value passed
+            # through the transform unchanged, so the transform is the identity and the site's value is
+            # distributed as the auxiliary Gaussian: record that distribution, so that an analytic KL applies.
+            q = base.v._root().distribution
+            if base.v._parent is None and q.batch_shape == fn.batch_shape and q.event_shape == fn.event_shape:
+                msg["fn"] = q
+                msg["value"] = base.v
+                self._origins.add(id(msg))
+            return
+        auxiliary = bool(msg["infer"].get("is_auxiliary", False))
+        if not self._selected(msg, auxiliary):
+            return
+        lazy = LazyWeight.from_distribution(
+            fn, site=msg["name"], estimator=self.estimator, fallback=self.fallback, auxiliary=auxiliary
+        )
+        if lazy is None:
+            return
+        msg["value"] = lazy
+        self._origins.add(id(msg))
+
+    def _pyro_post_sample(self, msg):
+        value = msg["value"]
+        origin = id(msg) in self._origins
+        self._origins.discard(id(msg))
+        if msg["is_observed"] or not isinstance(value, LazyWeight):
+            return
+        self._check_outside_trace(msg["name"])
+        if origin:
+            self._record_origin(msg, value)
+        else:
+            self._record_kl(msg, value._root())
+
+    def _check_outside_trace(self, name):
+        index = _PYRO_STACK.index(self)
+        if any(isinstance(frame, TraceMessenger) for frame in _PYRO_STACK[:index]):
+            raise RuntimeError(
+                f"local_reparam at site {name!r}: the handler is inside a poutine.trace, which records the site "
+                "before the handler can fill in its analytic log-density. Apply local_reparam outside the trace, "
+                "e.g. `with pyro_vdrop.poutine.local_reparam(): svi.step(...)`."
+            )
+
+    @staticmethod
+    def _record_origin(msg, lazy):
+        # The density of q is accounted for analytically on the model site that consumes the value.
+        if lazy.site == msg["name"]:
+            lazy.kl_scale = msg["scale"]
+            lazy.kl_mask = msg["mask"]
+        # Recorded as a LocalReparamSite: TraceMeanField_ELBO then finds no registered KL for the site and
+        # uses the terms recorded here and on the model site, so that the KL is computed once, not twice.
+        msg["fn"] = LocalReparamSite(msg["fn"], lazy)
+        zero = lazy._loc.new_zeros(()).expand(msg["fn"].batch_shape)
+        msg["unscaled_log_prob"] = zero
+        msg["log_prob"] = zero
+        msg["log_prob_sum"] = zero.sum()
+        msg["score_parts"] = ScoreParts(log_prob=zero, score_function=0, entropy_term=zero)
+
+    @staticmethod
+    def _record_kl(msg, lazy):
+        q, p = lazy.distribution, msg["fn"]
+        try:
+            kl = kl_divergence(q, p)
+        except NotImplementedError as e:
+            raise NotImplementedError(
+                f"local_reparam at site {msg['name']!r}: there is no weight sample, so the ELBO needs the analytic "
+                f"KL(q || p), and none is registered for q = {type(q).__name__}, p = {type(p).__name__}. Register "
+                "one with torch.distributions.kl.register_kl, or exclude the site with local_reparam(sites=...)."
+            ) from e
+        log_p = -kl
+        msg["unscaled_log_prob"] = log_p
+        log_p = scale_and_mask(log_p, lazy.kl_scale, lazy.kl_mask)
+        msg["log_prob"] = log_p
+        msg["log_prob_sum"] = log_p.sum() if torch.is_tensor(log_p) else torch.as_tensor(log_p)

@@ -1,0 +1,282 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Statistical tests of the lazy weight: LRT and Flipout outputs against the closed form and explicit sampling."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from pyro_vdrop.distributions import CorrelatedVariationalDropoutNormal, VariationalDropoutNormal
+from pyro_vdrop.poutine import LazyWeight, LazyWeightError
+
+NUM_SAMPLES = 20000
+# Monte Carlo tolerances, in standard errors (fixed seed 0 from conftest): z = 4.5 for the means;
+# the sample variance of S normals has relative standard error sqrt(2 / S) ~ 1%: allow 5.5%.
+Z = 4.5
+
+
+def _lazy(loc, log_alpha, estimator, site="w"):
+    fn = VariationalDropoutNormal(loc, log_alpha)
+    return fn, LazyWeight.from_distribution(fn.to_event(loc.dim()), site=site, estimator=estimator)
+
+
+def _check_moments(samples, mean, var):
+    """Compare i.i.d. ``samples`` (leading dim: draws) with the closed-form ``mean`` and ``var``."""
+    S = samples.shape[0]
+    assert ((samples.mean(0) - mean).abs() <= Z * (var / S).sqrt() + 1e-12).all()
+    # the sample variance of S normals has relative standard error sqrt(2 / S)
+    assert ((samples.var(0) / var - 1).abs() <= Z * (2 / S) ** 0.5).all()
+
+
+def _check_draws(draws, mean, var):
+    """
+    Compare ``draws`` of shape (calls, examples per call, ...) with the closed-form moments, using
+    batch means: the calls are i.i.d., the examples within one call need not be (Flipout shares one
+    weight perturbation per call), so the standard errors are estimated from the spread across calls.
+    """
+    calls = draws.shape[0]
+    call_means = draws.mean(1)
+    call_vars = (draws - mean).pow(2).mean(1)
+    se_mean = call_means.std(0) / calls**0.5
+    se_var = call_vars.std(0) / calls**0.5
+    assert (se_var <= 0.1 * var).all(), "too few draws for a meaningful test"
+    assert ((call_means.mean(0) - mean).abs() <= Z * se_mean + 1e-12).all()
+    assert ((call_vars.mean(0) - var).abs() <= Z * se_var).all()
+
+
+def _draw(op, x, estimator, calls, per_call):
+    """``calls`` independent calls of ``op`` on a batch of ``per_call`` copies of ``x``, stacked."""
+    if estimator != "flipout":  # examples are independent: one big call, split into chunks
+        out = op(x.expand(calls * per_call, *x.shape))
+        return out.reshape(calls, per_call, *out.shape[1:])
+    return torch.stack([op(x.expand(per_call, *x.shape)) for _ in range(calls)])
+
+
+LINEAR_FORMS = {
+    "linear_positional": lambda x, w, b: F.linear(x, w, b),
+    "linear_keyword": lambda x, w, b: F.linear(input=x, weight=w, bias=b),
+    "linear_no_bias": lambda x, w, b: F.linear(x, w) + b,
+    "matmul_T": lambda x, w, b: x @ w.T + b,
+    "matmul_t": lambda x, w, b: torch.matmul(x, w.t()) + b,
+    "matmul_transpose": lambda x, w, b: x.matmul(w.transpose(0, 1)) + b,
+    "weight_left": lambda x, w, b: (w @ x.transpose(-1, -2)).transpose(-1, -2) + b,
+    "reshape": lambda x, w, b: F.linear(x, w.reshape(-1).reshape(w.shape), b),
+    "view": lambda x, w, b: F.linear(x, w.view(w.shape[0], -1), b),
+}
+
+
+@pytest.mark.parametrize("estimator", ["lrt", "flipout", "per-example"])
+@pytest.mark.parametrize("form", sorted(LINEAR_FORMS))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_linear_moments(form, estimator, dtype, device):
+    x = torch.randn(2, 3, 5, dtype=dtype, device=device)  # two leading batch dims
+    loc = torch.randn(4, 5, dtype=dtype, device=device)
+    log_alpha = torch.randn(4, 5, dtype=dtype, device=device) - 1
+    bias = torch.randn(4, dtype=dtype, device=device)
+    fn, w = _lazy(loc, log_alpha, estimator)
+    # every copy of x is a separate example
+    calls, per_call = (2000, 10) if estimator == "flipout" else (200, 100)
+    out = _draw(lambda xs: LINEAR_FORMS[form](xs, w, bias), x, estimator, calls, per_call)
+    assert out.shape == (calls, per_call, 2, 3, 4) and out.dtype == dtype and out.device == x.device
+    assert type(out) is torch.Tensor
+    mean = F.linear(x, loc, bias)
+    var = F.linear(x**2, fn.variance)
+    _check_draws(out, mean, var)
+    # explicit per-example weight sampling (S x out x in) agrees with the same closed form
+    ws = fn.rsample((NUM_SAMPLES,))
+    explicit = torch.einsum("abi,soi->sabo", x, ws) + bias
+    _check_moments(explicit, mean, var)
+
+
+@pytest.mark.parametrize("estimator", ["lrt", "flipout"])
+def test_lazy_bias_moments(estimator):
+    x = torch.randn(3, 5)
+    loc, log_alpha = torch.randn(4, 5), torch.randn(4, 5) - 1
+    b_fn = VariationalDropoutNormal(torch.randn(4), torch.randn(4) - 1)
+    _, w = _lazy(loc, log_alpha, estimator)
+    b = LazyWeight.from_distribution(b_fn.to_event(1), site="b", estimator=estimator)
+    mean = F.linear(x, loc, b_fn.loc)
+    var = F.linear(x**2, VariationalDropoutNormal(loc, log_alpha).variance) + b_fn.variance
+    calls, per_call = (2000, 10) if estimator == "flipout" else (200, 100)
+    _check_draws(_draw(lambda xs: F.linear(xs, w, b), x, estimator, calls, per_call), mean, var)
+    # a lazy bias added to the pre-activations afterwards
+    _check_draws(_draw(lambda xs: F.linear(xs, w) + b, x, estimator, calls, per_call), mean, var)
+
+
+CONV_CASES = [
+    # nd, in_channels, out_channels, kernel, options
+    (1, 3, 4, 3, dict()),
+    (1, 4, 6, 2, dict(stride=2, padding=1, dilation=2, groups=2)),
+    (2, 3, 4, 3, dict(padding="same")),
+    (2, 4, 4, (2, 3), dict(stride=(2, 1), padding=(1, 0), groups=4)),
+    (2, 2, 3, 3, dict(dilation=2, padding="valid")),
+    (3, 2, 4, 2, dict(stride=1, padding=1, groups=2)),
+]
+
+
+def _conv(nd):
+    return (F.conv1d, F.conv2d, F.conv3d)[nd - 1]
+
+
+def _explicit_conv(nd, x, ws, bias, groups=1, **kw):
+    """Convolve ``x`` (C, *spatial) with S separate weights ``ws`` (S, O, C/g, *k) in one grouped conv."""
+    S, cout = ws.shape[:2]
+    inp = x.expand(S, *x.shape).reshape(1, S * x.shape[0], *x.shape[1:])
+    out = _conv(nd)(inp, ws.reshape(S * cout, *ws.shape[2:]), None, groups=S * groups, **kw)
+    return out.reshape(S, cout, *out.shape[2:]) + bias.reshape((cout,) + (1,) * nd)
+
+
+@pytest.mark.parametrize("estimator", ["lrt", "flipout", "per-example"])
+@pytest.mark.parametrize("case", CONV_CASES, ids=str)
+def test_conv_moments(case, estimator):
+    nd, cin, cout, k, kw = case
+    k = (k,) * nd if isinstance(k, int) else k
+    groups = kw.get("groups", 1)
+    x = torch.randn((cin,) + ((6,) * nd if nd < 3 else (3, 3, 3)))
+    loc = torch.randn((cout, cin // groups) + k)
+    log_alpha = torch.randn(loc.shape) - 1
+    bias = torch.randn(cout)
+    fn, w = _lazy(loc, log_alpha, estimator)
+    calls, per_call = (400, 10) if estimator == "flipout" else (100, 40)
+    out = _draw(lambda xs: _conv(nd)(xs, w, bias, **kw), x, estimator, calls, per_call)
+    mean = _conv(nd)(x[None], loc, bias, **kw)[0]
+    var = _conv(nd)(x[None] ** 2, fn.variance, None, **kw)[0]
+    assert out.shape == (calls, per_call) + mean.shape
+    _check_draws(out, mean, var)
+    if estimator == "lrt":
+        # explicit per-example weights reproduce the closed form (checks stride/padding/dilation/groups maths)
+        S = NUM_SAMPLES // 4
+        _check_moments(_explicit_conv(nd, x, fn.rsample((S,)), bias, **kw), mean, var)
+
+
+@pytest.mark.parametrize("op", ["linear", "conv2d"])
+def test_mean_estimator_is_deterministic(op):
+    loc = torch.randn(3, 2, 3, 3) if op == "conv2d" else torch.randn(3, 5)
+    fn, w = _lazy(loc, torch.zeros(loc.shape), "mean")
+    x = torch.randn(4, 2, 6, 6) if op == "conv2d" else torch.randn(4, 5)
+    b = torch.randn(3)
+    f = F.conv2d if op == "conv2d" else F.linear
+    assert torch.allclose(f(x, w, b), f(x, loc, b), atol=1e-6)
+
+
+def test_conv_unbatched_and_positional():
+    x = torch.randn(3, 7)
+    fn, w = _lazy(torch.randn(2, 3, 3), torch.full((2, 3, 3), -1.0), "lrt")
+    out = F.conv1d(x, w, None, 2, 1, 1, 1)  # the positional form nn.Conv1d uses
+    assert out.shape == F.conv1d(x, fn.loc, None, 2, 1, 1, 1).shape
+
+
+@pytest.mark.parametrize("estimator", ["lrt", "flipout"])
+def test_independence_across_examples(estimator):
+    """Two examples with the same input: LRT/Flipout outputs are uncorrelated, a shared weight gives correlation 1."""
+    x = torch.randn(1, 5).expand(2, 5)
+    fn, w = _lazy(torch.randn(3, 5), torch.full((3, 5), -0.5), estimator)
+    S = NUM_SAMPLES
+    if estimator == "lrt":
+        out = F.linear(x.expand(S, 2, 5), w)  # (S, 2 examples, 3)
+    else:  # one call per minibatch of the 2 examples
+        S = S // 4
+        out = torch.stack([F.linear(x, w) for _ in range(S)])
+    corr = torch.stack([torch.corrcoef(out[:, :, j].T)[0, 1] for j in range(3)])
+    assert (corr.abs() < Z / S**0.5).all()
+    shared = torch.einsum("mi,soi->smo", x, fn.rsample((S,)))  # one weight sample per minibatch
+    corr_shared = torch.stack([torch.corrcoef(shared[:, :, j].T)[0, 1] for j in range(3)])
+    assert (corr_shared > 0.999).all()
+
+
+@pytest.mark.parametrize("estimator", ["lrt", "flipout"])
+@pytest.mark.parametrize("noise", ["input", "output", "layer"])
+def test_correlated_linear_matches_explicit_sampling(noise, estimator):
+    """Dropout "A": one noise per input unit (per output unit, per layer), exact per example."""
+    x = torch.randn(3, 5)
+    loc = torch.randn(4, 5)
+    la_shape = {"input": (1, 5), "output": (4, 1), "layer": (1, 1)}[noise]
+    fn = CorrelatedVariationalDropoutNormal(loc, torch.rand(la_shape) - 1.5)
+    w = LazyWeight.from_distribution(fn.to_event(2), site="w", estimator=estimator)
+    S = NUM_SAMPLES
+    out = F.linear(x.expand(S, 3, 5), w)  # correlated noise is independent per example for both estimators
+    explicit = torch.einsum("mi,soi->smo", x, fn.rsample((S,)))
+    # closed form: shared noise on the inputs adds independent terms; on the outputs it scales the mean
+    if noise == "input":
+        var = F.linear(x**2, fn.variance)
+    else:
+        var = fn.alpha[:, 0] * F.linear(x, loc) ** 2
+    _check_moments(out, F.linear(x, loc), var)
+    _check_moments(explicit, F.linear(x, loc), var)
+    # the covariance between two output units of one example (shared noise) matches explicit sampling
+    for samples in (out, explicit):
+        c = samples[:, 0, :2] - samples[:, 0, :2].mean(0)
+        cov = (c[:, 0] * c[:, 1]).mean()
+        if noise == "input":
+            expected = (x[0] ** 2 * fn.alpha[0] * loc[0] * loc[1]).sum()
+        elif noise == "layer":
+            expected = fn.alpha[0, 0] * (x[0] @ loc[0]) * (x[0] @ loc[1])
+        else:
+            expected = torch.tensor(0.0)
+        scale = (fn.variance[:2] * x[0] ** 2).sum(-1).prod().sqrt()
+        assert (cov - expected).abs() <= Z * scale / S**0.5
+
+
+@pytest.mark.parametrize("noise", ["input", "output"])
+def test_correlated_conv_matches_explicit_sampling(noise):
+    x = torch.randn(4, 6, 6)
+    loc = torch.randn(6, 2, 3, 3)  # groups=2
+    la_shape = {"input": (1, 2, 1, 1), "output": (6, 1, 1, 1)}[noise]
+    fn = CorrelatedVariationalDropoutNormal(loc, torch.rand(la_shape) - 1.5)
+    w = LazyWeight.from_distribution(fn.to_event(4), site="w", estimator="lrt")
+    S = NUM_SAMPLES // 4
+    kw = dict(padding=1, groups=2)
+    out = F.conv2d(x.expand(S, *x.shape), w, torch.zeros(6), **kw)
+    explicit = _explicit_conv(2, x, fn.rsample((S,)), torch.zeros(6), **kw)
+    # two-sample comparison of the per-example moments
+    var = explicit.var(0)
+    assert ((out.mean(0) - explicit.mean(0)).abs() <= Z * (2 * var / S).sqrt()).all()
+    assert ((out.var(0) / var - 1).abs() <= 5.5 * (4 / S) ** 0.5).all()
+    # shared noise within an example: two spatial positions of one output channel are correlated alike
+    a, b = out[:, 0, 2, 2], out[:, 0, 2, 3]
+    ea, eb = explicit[:, 0, 2, 2], explicit[:, 0, 2, 3]
+    assert abs(torch.corrcoef(torch.stack([a, b]))[0, 1] - torch.corrcoef(torch.stack([ea, eb]))[0, 1]) < 0.05
+
+
+def test_gradients_flow_to_parameters():
+    loc = torch.randn(3, 4, requires_grad=True)
+    log_alpha = torch.full((3, 4), -1.0, requires_grad=True)
+    w = LazyWeight.from_distribution(VariationalDropoutNormal(loc, log_alpha), site="w", estimator="lrt")
+    F.linear(torch.randn(8, 4), w).pow(2).sum().backward()
+    assert loc.grad is not None and loc.grad.abs().sum() > 0
+    assert log_alpha.grad is not None and torch.isfinite(log_alpha.grad).all()
+    # an all-zero input row keeps gradients finite
+    loc.grad = log_alpha.grad = None
+    w = LazyWeight.from_distribution(VariationalDropoutNormal(loc, log_alpha), site="w", estimator="lrt")
+    F.linear(torch.zeros(2, 4), w).sum().backward()
+    assert torch.isfinite(loc.grad).all() and torch.isfinite(log_alpha.grad).all()
+
+
+UNSUPPORTED = {
+    "mul": lambda w: w * 2,
+    "index": lambda w: w[0],
+    "abs": lambda w: w.abs(),
+    "numpy": lambda w: w.numpy(),
+    "sigmoid": lambda w: torch.sigmoid(w),
+    "sum": lambda w: w.sum(),
+    "add_same_shape": lambda w: w + torch.ones(3, 4),
+    "eq": lambda w: w == 0,
+    "conv_wrong_dims": lambda w: F.conv1d(torch.randn(1, 4, 5), w),
+}
+
+
+@pytest.mark.parametrize("use", sorted(UNSUPPORTED))
+def test_unsupported_use_raises(use):
+    fn = VariationalDropoutNormal(torch.randn(3, 4), torch.zeros(3, 4))
+    w = LazyWeight.from_distribution(fn, site="layer.weight", estimator="lrt")
+    with pytest.raises(LazyWeightError, match=r"site 'layer\.weight'.*local_reparam\(sites=") as e:
+        UNSUPPORTED[use](w)
+    assert "fallback=True" in str(e.value)
+
+
+def test_fallback_draws_one_sample():
+    fn = VariationalDropoutNormal(torch.randn(3, 4), torch.zeros(3, 4))
+    w = LazyWeight.from_distribution(fn, site="w", estimator="lrt", fallback=True)
+    a = w.abs()
+    b = w.t().abs().t()
+    assert type(a) is torch.Tensor and torch.equal(a, b)  # one cached sample for every use and view
+    assert not torch.equal(a, fn.loc.abs())

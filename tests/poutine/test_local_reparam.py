@@ -1,0 +1,319 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Pyro integration of the local-reparameterization handler: SVI, ELBO accounting, plates, autoguides."""
+
+import pyro
+import pyro.distributions as dist
+import pytest
+import torch
+import torch.nn.functional as F
+from pyro import poutine
+from pyro.infer import SVI, Trace_ELBO, TraceMeanField_ELBO
+from pyro.infer.autoguide import AutoNormal
+from pyro.nn import PyroModule, PyroSample
+from torch import nn
+from torch.distributions import kl_divergence
+
+from pyro_vdrop.distributions import (
+    CorrelatedVariationalDropoutNormal,
+    ImproperLogUniform,
+    VariationalDropoutNormal,
+)
+from pyro_vdrop.infer import init_to_fan_in
+from pyro_vdrop.poutine import LazyWeight, LazyWeightError, LocalReparamSite, local_reparam
+
+N, D, H, C = 12, 5, 4, 3
+
+
+def model(x, y=None, size=None, subsample_size=None):
+    w1 = pyro.sample("w1", ImproperLogUniform().expand([H, D]).to_event(2))
+    b1 = pyro.sample("b1", dist.Normal(0.0, 1.0).expand([H]).to_event(1))
+    w2 = pyro.sample("w2", ImproperLogUniform().expand([C, H]).to_event(2))
+    with pyro.plate("data", size or x.shape[0], subsample_size=subsample_size) as idx:
+        xb = x[idx] if subsample_size else x
+        logits = F.linear(torch.relu(F.linear(xb, w1, b1)), w2)
+        pyro.sample("obs", dist.Categorical(logits=logits), obs=None if y is None else y[idx])
+    return logits
+
+
+def make_guide(kind="independent", additive=False, scale=1.0):
+    def guide(x, y=None, size=None, subsample_size=None):
+        with poutine.scale(scale=scale):
+            for name, shape in (("w1", (H, D)), ("b1", None), ("w2", (C, H))):
+                if name == "b1":
+                    b_loc = pyro.param("b1_loc", torch.zeros(H))
+                    b_scale = pyro.param("b1_scale", torch.full((H,), 0.1), constraint=dist.constraints.positive)
+                    pyro.sample("b1", dist.Normal(b_loc, b_scale).to_event(1))
+                    continue
+                loc = pyro.param(f"{name}_loc", lambda shape=shape: torch.randn(shape) / 2)
+                if kind == "correlated":
+                    la = pyro.param(f"{name}_log_alpha", torch.full((1, shape[1]), -1.0))
+                    fn = CorrelatedVariationalDropoutNormal(loc, la)
+                elif additive:
+                    fn = VariationalDropoutNormal.from_additive(loc, pyro.param(f"{name}_ls2", torch.full(shape, -4.0)))
+                else:
+                    fn = VariationalDropoutNormal(loc, pyro.param(f"{name}_log_alpha", torch.full(shape, -1.0)))
+                pyro.sample(name, fn.to_event(2))
+
+    return guide
+
+
+def data():
+    return torch.randn(N, D), torch.randint(0, C, (N,))
+
+
+def _kl_sum(guide_trace, model_trace, names=("w1", "b1", "w2")):
+    total = 0.0
+    for n in names:
+        q = guide_trace.nodes[n]["fn"]
+        assert isinstance(q, LocalReparamSite)  # the guide's distribution is recorded as q.base
+        total = total + kl_divergence(q.base, model_trace.nodes[n]["fn"]).sum() * guide_trace.nodes[n]["scale"]
+    return total
+
+
+@pytest.mark.parametrize("estimator", ["lrt", "flipout"])
+@pytest.mark.parametrize("kind", ["independent", "additive", "correlated"])
+@pytest.mark.parametrize("Elbo", [TraceMeanField_ELBO, Trace_ELBO])
+def test_elbo_is_data_term_minus_analytic_kl(Elbo, kind, estimator):
+    """Both ELBOs give -(log p(y | LRT pre-activations) - KL): the KL is never dropped."""
+    x, y = data()
+    guide = make_guide("correlated" if kind == "correlated" else "independent", additive=kind == "additive")
+    with local_reparam(estimator=estimator):
+        guide(x, y)  # initialise the parameters, so that both runs below draw the same noise
+        pyro.set_rng_seed(1)
+        loss = Elbo(max_plate_nesting=1).loss(model, guide, x, y)
+        pyro.set_rng_seed(1)
+        guide_trace = poutine.trace(guide).get_trace(x, y)
+        model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(x, y)
+    assert isinstance(guide_trace.nodes["w1"]["value"], LazyWeight)
+    log_lik = model_trace.nodes["obs"]["fn"].log_prob(y).sum()
+    expected = -(log_lik - _kl_sum(guide_trace, model_trace))
+    assert loss == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_trace_elbo_and_mean_field_agree_with_scaled_kl():
+    x, y = data()
+    guide = make_guide(scale=0.25)  # KL annealing: the guide site's scale weights the KL
+    with local_reparam():
+        guide(x, y)
+    losses = []
+    for Elbo in (TraceMeanField_ELBO, Trace_ELBO):
+        with local_reparam():
+            pyro.set_rng_seed(3)
+            losses.append(Elbo(max_plate_nesting=1).loss(model, guide, x, y))
+    assert losses[0] == pytest.approx(losses[1], rel=1e-6)
+    with local_reparam():
+        pyro.set_rng_seed(3)
+        guide_trace = poutine.trace(guide).get_trace(x, y)
+        model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(x, y)
+    model_trace.compute_log_prob()
+    kl = _kl_sum(guide_trace, model_trace)
+    log_p = sum(model_trace.nodes[n]["log_prob_sum"] for n in ("w1", "b1", "w2"))
+    assert log_p.item() == pytest.approx(-kl.item(), rel=1e-6)
+
+
+def test_no_weight_sample_or_log_density(monkeypatch):
+    """The LRT path never draws a weight-sized sample nor evaluates a per-weight log-density."""
+
+    def fail(*args, **kwargs):
+        raise AssertionError("a weight was sampled or its density evaluated")
+
+    for cls in (VariationalDropoutNormal, dist.Normal, torch.distributions.Normal, ImproperLogUniform):
+        monkeypatch.setattr(cls, "rsample", fail)
+        monkeypatch.setattr(cls, "sample", fail)
+        monkeypatch.setattr(cls, "log_prob", fail)
+    x, y = data()
+    guide = make_guide()
+    for Elbo in (TraceMeanField_ELBO, Trace_ELBO):
+        svi = SVI(model, guide, pyro.optim.Adam({"lr": 0.01}), Elbo())
+        with local_reparam():
+            losses = [svi.step(x, y) for _ in range(2)]
+        assert all(torch.isfinite(torch.tensor(losses)))
+
+
+def test_svi_learns_and_subsample_scales_data_term_only():
+    torch.manual_seed(0)
+    x = torch.randn(200, D)
+    y = (x[:, 0] > 0).long() + (x[:, 1] > 0).long()
+    guide = make_guide()
+    svi = SVI(model, guide, pyro.optim.Adam({"lr": 0.05}), TraceMeanField_ELBO())
+    with local_reparam():
+        first = sum(svi.step(x, y, 200, 50) for _ in range(10))
+        for _ in range(200):
+            svi.step(x, y, 200, 50)
+        last = sum(svi.step(x, y, 200, 50) for _ in range(10))
+    assert last < 0.7 * first
+    # with subsampling, the data term is scaled by N / M and the KL counted once
+    with local_reparam():
+        pyro.set_rng_seed(5)
+        loss = TraceMeanField_ELBO(max_plate_nesting=1).loss(model, guide, x, y, 200, 50)
+        pyro.set_rng_seed(5)
+        guide_trace = poutine.trace(guide).get_trace(x, y, 200, 50)
+        model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(x, y, 200, 50)
+    obs = model_trace.nodes["obs"]
+    assert obs["value"].shape == (50,) and obs["scale"] == 4.0
+    expected = -(4.0 * obs["fn"].log_prob(obs["value"]).sum() - _kl_sum(guide_trace, model_trace))
+    assert loss == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_mask_on_guide_masks_kl():
+    x, y = data()
+    guide = poutine.mask(make_guide(), mask=False)
+    with local_reparam():
+        guide(x, y)
+        pyro.set_rng_seed(2)
+        masked = Trace_ELBO(max_plate_nesting=1).loss(model, guide, x, y)
+        pyro.set_rng_seed(2)
+        guide_trace = poutine.trace(guide).get_trace(x, y)
+        model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(x, y)
+    assert masked == pytest.approx(-model_trace.nodes["obs"]["fn"].log_prob(y).sum().item(), rel=1e-5)
+
+
+def test_autonormal():
+    """AutoNormal's auxiliary Normal becomes the lazy weight; the KL against the prior is analytic."""
+    x, y = data()
+    guide = AutoNormal(model, init_loc_fn=init_to_fan_in)
+    for Elbo in (TraceMeanField_ELBO, Trace_ELBO):
+        with local_reparam():
+            guide(x, y)
+            pyro.set_rng_seed(4)
+            loss = Elbo(max_plate_nesting=1).loss(model, guide, x, y)
+            pyro.set_rng_seed(4)
+            guide_trace = poutine.trace(guide).get_trace(x, y)
+            model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(x, y)
+        assert isinstance(guide_trace.nodes["w1_unconstrained"]["value"], LazyWeight)
+        assert guide_trace.nodes["w1"]["value"] is guide_trace.nodes["w1_unconstrained"]["value"]
+        q = guide_trace.nodes["w1"]["fn"]
+        assert torch.equal(q.base.base_dist.loc, guide.locs.w1)
+        expected = -(model_trace.nodes["obs"]["fn"].log_prob(y).sum() - _kl_sum(guide_trace, model_trace))
+        assert loss == pytest.approx(expected.item(), rel=1e-5)
+    svi = SVI(model, guide, pyro.optim.Adam({"lr": 0.01}), TraceMeanField_ELBO())
+    with local_reparam():
+        assert torch.isfinite(torch.tensor(svi.step(x, y)))
+
+
+def mixed_model(x, y=None):
+    w = pyro.sample("w", ImproperLogUniform().expand([1, D]).to_event(2))
+    shift = pyro.sample("shift", dist.Normal(0.0, 1.0))  # a latent used elementwise
+    sigma = pyro.sample("sigma", dist.LogNormal(0.0, 1.0))  # a positive latent
+    with pyro.plate("data", x.shape[0]):
+        pyro.sample("obs", dist.Normal(F.linear(x, w).squeeze(-1) + shift, sigma), obs=y)
+
+
+def test_mixed_model_with_autonormal_names_site_and_remedy():
+    x, y = torch.randn(N, D), torch.randn(N)
+    guide = AutoNormal(mixed_model, init_loc_fn=init_to_fan_in)
+    svi = SVI(mixed_model, guide, pyro.optim.Adam({"lr": 0.01}), TraceMeanField_ELBO())
+    with pytest.raises(LazyWeightError, match=r"site 'sigma_unconstrained'.*'exp'.*local_reparam\(sites="):
+        with local_reparam():
+            svi.step(x, y)
+    with local_reparam(sites=["w"]):
+        for _ in range(3):
+            loss = svi.step(x, y)
+        guide_trace = poutine.trace(guide).get_trace(x, y)
+    assert torch.isfinite(torch.tensor(loss))
+    assert isinstance(guide_trace.nodes["w"]["value"], LazyWeight)
+    assert not isinstance(guide_trace.nodes["shift"]["value"], LazyWeight)
+
+
+class BNN(PyroModule):
+    def __init__(self):
+        super().__init__()
+        self.conv = PyroModule[nn.Conv2d](2, 4, 3, stride=2, padding=1, groups=2)
+        self.conv.weight = PyroSample(ImproperLogUniform().expand([4, 1, 3, 3]).to_event(4))
+        self.conv.bias = PyroSample(dist.Normal(0.0, 1.0).expand([4]).to_event(1))
+        self.fc = PyroModule[nn.Linear](4 * 3 * 3, C)
+        self.fc.weight = PyroSample(ImproperLogUniform().expand([C, 36]).to_event(2))
+
+    def forward(self, x, y=None):
+        logits = self.fc(torch.relu(self.conv(x)).flatten(1))
+        with pyro.plate("data", x.shape[0]):
+            return pyro.sample("obs", dist.Categorical(logits=logits), obs=y)
+
+
+def pyro_module_guide(x, y=None):
+    for name, shape in (("conv.weight", (4, 1, 3, 3)), ("conv.bias", None), ("fc.weight", (C, 36))):
+        if shape is None:
+            pyro.sample(name, dist.Normal(pyro.param(name + ".loc", torch.zeros(4)), 0.1).to_event(1))
+            continue
+        loc = pyro.param(name + ".loc", lambda shape=shape: torch.randn(shape) / 3)
+        la = pyro.param(name + ".la", torch.full(shape, -2.0))
+        pyro.sample(name, VariationalDropoutNormal(loc, la).to_event(len(shape)))
+
+
+@pytest.mark.parametrize("estimator", ["lrt", "flipout"])
+def test_pyro_module_layers(estimator):
+    x, y = torch.randn(6, 2, 5, 5), torch.randint(0, C, (6,))
+    bnn = BNN()
+    svi = SVI(bnn, pyro_module_guide, pyro.optim.Adam({"lr": 0.01}), TraceMeanField_ELBO())
+    with local_reparam(estimator=estimator):
+        losses = [svi.step(x, y) for _ in range(3)]
+        guide_trace = poutine.trace(pyro_module_guide).get_trace(x, y)
+        model_trace = poutine.trace(poutine.replay(bnn, trace=guide_trace)).get_trace(x, y)
+    assert all(torch.isfinite(torch.tensor(losses)))
+    assert isinstance(model_trace.nodes["conv.weight"]["value"], LazyWeight)
+    assert model_trace.nodes["obs"]["fn"].logits.shape == (6, C)
+
+
+def test_decorator_and_trace_order():
+    x, y = data()
+    guide = make_guide()
+    # as a decorator around a function that runs the ELBO
+    step = local_reparam(lambda: TraceMeanField_ELBO().loss(model, guide, x, y), estimator="flipout")
+    assert torch.isfinite(torch.tensor(step()))
+    # inside a trace whose records the ELBO would use: a clear error
+    with pytest.raises(RuntimeError, match="outside the trace"):
+        poutine.trace(local_reparam(guide)).get_trace(x, y)
+
+
+def test_bad_options():
+    with pytest.raises(ValueError, match="estimator"):
+        local_reparam(estimator="single")
+    with pytest.raises(TypeError, match="sites"):
+        local_reparam(sites="w1")
+
+
+def test_missing_kl_is_an_error():
+    def model_t(x):
+        w = pyro.sample("w", dist.StudentT(3.0, 0.0, 1.0).expand([H, D]).to_event(2))
+        return F.linear(x, w)
+
+    def guide_t(x):
+        pyro.sample("w", dist.Normal(torch.zeros(H, D), 1.0).to_event(2))
+
+    with pytest.raises(NotImplementedError, match=r"site 'w'.*KL"):
+        with local_reparam():
+            TraceMeanField_ELBO().loss(model_t, guide_t, torch.randn(3, D))
+
+
+def test_fallback_option_samples_weight_for_unsupported_use():
+    def model_f(x):
+        w = pyro.sample("w", ImproperLogUniform().expand([H, D]).to_event(2))
+        pyro.sample("obs", dist.Normal(F.linear(x, w.abs()), 1.0).to_event(2), obs=torch.zeros(3, H))
+
+    def guide_f(x):
+        loc = pyro.param("loc", torch.randn(H, D))
+        pyro.sample("w", VariationalDropoutNormal(loc, torch.full((H, D), -2.0)).to_event(2))
+
+    x = torch.randn(3, D)
+    with pytest.raises(LazyWeightError, match=r"'abs'"):
+        with local_reparam():
+            TraceMeanField_ELBO().loss(model_f, guide_f, x)
+    with local_reparam(fallback=True):
+        assert torch.isfinite(torch.tensor(TraceMeanField_ELBO().loss(model_f, guide_f, x)))
+
+
+def test_kl_computed_once_per_site(monkeypatch):
+    import pyro_vdrop.distributions.kl as kl_module
+
+    calls = []
+    original = kl_module.log_uniform_kl
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(kl_module, "log_uniform_kl", counting)
+    x, y = data()
+    with local_reparam():
+        TraceMeanField_ELBO(max_plate_nesting=1).loss(model, make_guide(), x, y)
+    assert len(calls) == 2  # w1 and w2 (b1 has a Normal prior)
