@@ -64,9 +64,11 @@ LINEAR_FORMS = {
 }
 
 
-@pytest.mark.parametrize("estimator", ["lrt", "flipout", "per-example"])
-@pytest.mark.parametrize("form", sorted(LINEAR_FORMS))
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize(
+    "estimator,form,dtype",
+    [(e, f, torch.float32) for e in ("lrt", "flipout", "per-example") for f in sorted(LINEAR_FORMS)]
+    + [(e, "linear_positional", torch.float64) for e in ("lrt", "flipout", "per-example")],
+)
 def test_linear_moments(form, estimator, dtype, device):
     x = torch.randn(2, 3, 5, dtype=dtype, device=device)  # two leading batch dims
     loc = torch.randn(4, 5, dtype=dtype, device=device)

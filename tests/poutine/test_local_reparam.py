@@ -317,3 +317,21 @@ def test_kl_computed_once_per_site(monkeypatch):
     with local_reparam():
         TraceMeanField_ELBO(max_plate_nesting=1).loss(model, make_guide(), x, y)
     assert len(calls) == 2  # w1 and w2 (b1 has a Normal prior)
+
+
+def test_posterior_predictive_by_replay_without_weight_samples(monkeypatch):
+    """Replaying the model against one guide trace draws fresh pre-activation noise on every run."""
+    x, y = data()
+    guide = make_guide()
+    with local_reparam():
+        guide(x, y)
+    monkeypatch.setattr(VariationalDropoutNormal, "rsample", lambda *a, **k: pytest.fail("weight sampled"))
+    with local_reparam(), torch.no_grad():
+        guide_trace = poutine.trace(guide).get_trace(x)
+        logits = torch.stack([poutine.replay(model, trace=guide_trace)(x) for _ in range(200)])
+    assert logits.shape == (200, N, C)
+    assert (logits.std(0) > 0).all()
+    # Predictive stacks guide values, which a lazy weight refuses with a clear error
+    with pytest.raises(LazyWeightError, match=r"site 'w1'.*'stack'"):
+        with local_reparam():
+            pyro.infer.Predictive(model, guide=guide, num_samples=2, return_sites=["obs"])(x)
