@@ -1,26 +1,40 @@
 # SPDX-License-Identifier: Apache-2.0
 
 import pyro
+import pyro.poutine as poutine
+import torch
 from pyro.infer.autoguide.initialization import InitMessenger, init_to_sample
+from pyro.poutine.runtime import _PYRO_STACK
+from pyro.poutine.util import prune_subsample_sites
 
 from .initialization import init_to_fan_in
+
+
+def _local_reparam_active():
+    from pyro_vdrop.poutine import LocalReparamMessenger
+
+    return any(isinstance(frame, LocalReparamMessenger) for frame in _PYRO_STACK)
 
 
 class Predictive(pyro.infer.Predictive):
     r"""
     :class:`pyro.infer.Predictive` for models with :class:`~pyro_vdrop.distributions.ImproperLogUniform`
-    priors; same arguments, same results.
+    priors and for the :func:`~pyro_vdrop.poutine.local_reparam` effect; same arguments, same results.
 
-    Pyro's ``Predictive`` first runs the model once on its own, drawing every latent site from its
-    prior (``init_to_sample``) to learn the model's shapes; an improper prior cannot be sampled, so
-    that run fails. This class gives the log-uniform sites of that shape-finding run a
-    :func:`~pyro_vdrop.infer.init_to_fan_in` value; every other site is drawn as Pyro would draw
-    it, and the returned draws come from the guide (or ``posterior_samples``) as usual — in
-    particular unobserved likelihood sites are sampled, not set to a point estimate.
-    Under :func:`~pyro_vdrop.poutine.local_reparam` the draws use per-example noise::
+    - Pyro's ``Predictive`` first runs the model once on its own, drawing every latent site from its
+      prior (``init_to_sample``) to learn the model's shapes; an improper prior cannot be sampled, so
+      that run fails. This class gives the log-uniform sites of that shape-finding run a
+      :func:`~pyro_vdrop.infer.init_to_fan_in` value; every other site is drawn as Pyro would draw it,
+      and the returned draws come from the guide (or ``posterior_samples``) as usual — in particular
+      unobserved likelihood sites are sampled, not set to a point estimate.
+    - Inside :func:`~pyro_vdrop.poutine.local_reparam` (with a ``guide``, sequential draws) each draw
+      runs the guide and replays the model against it, so the draws use per-example pre-activation
+      noise and no weight is ever sampled. Weight sites hold no sampled value then: they are left out
+      of the default return sites, and asking for one raises an error. Each returned site has shape
+      ``(num_samples,) + site_shape``::
 
         predictive = Predictive(model, guide=guide, num_samples=100, return_sites=["obs", "_RETURN"])
-        with pyro_vdrop.poutine.local_reparam():
+        with pyro_vdrop.local_reparam():
             samples = predictive(x_test)
 
     :param model: The model.
@@ -28,7 +42,8 @@ class Predictive(pyro.infer.Predictive):
     :param guide: The guide.
     :param int num_samples: The number of draws.
     :param return_sites: Sites to return (as for :class:`pyro.infer.Predictive`).
-    :param bool parallel: Vectorize the draws (as for :class:`pyro.infer.Predictive`).
+    :param bool parallel: Vectorize the draws (as for :class:`pyro.infer.Predictive`; not under
+        ``local_reparam``).
     """
 
     def __init__(self, model, posterior_samples=None, *, guide=None, num_samples=None, return_sites=(), parallel=False):
@@ -41,3 +56,45 @@ class Predictive(pyro.infer.Predictive):
             return_sites=return_sites,
             parallel=parallel,
         )
+
+    def forward(self, *args, **kwargs):
+        if self.guide is None or not _local_reparam_active():
+            return super().forward(*args, **kwargs)
+        if self.parallel:
+            raise ValueError(
+                "Predictive(parallel=True) is not supported inside local_reparam: the draws are made one at a "
+                "time by replaying the model against the guide; pass parallel=False"
+            )
+        from pyro_vdrop.poutine import LazyWeight
+
+        draws = {}
+        with torch.no_grad():
+            for _ in range(self.num_samples):
+                guide_trace = poutine.trace(self.guide).get_trace(*args, **kwargs)
+                model_trace = poutine.trace(poutine.replay(self.model, trace=guide_trace)).get_trace(*args, **kwargs)
+                model_trace = prune_subsample_sites(model_trace)
+                for name, site in model_trace.nodes.items():
+                    if site["type"] != "sample" and name != "_RETURN":
+                        continue
+                    if self.return_sites is not None and len(self.return_sites) > 0:
+                        if name not in self.return_sites:
+                            continue
+                    elif name == "_RETURN" or (
+                        self.return_sites is not None and name in guide_trace.nodes and site["type"] == "sample"
+                    ):
+                        continue  # default: sites the guide does not give (Pyro's rule)
+                    value = site["value"]
+                    if isinstance(value, LazyWeight):
+                        if self.return_sites:
+                            raise ValueError(
+                                f"Predictive: site {name!r} is a weight under local_reparam, which samples "
+                                "pre-activations and never the weight itself; leave it out of return_sites, or "
+                                "draw weights outside local_reparam"
+                            )
+                        continue
+                    draws.setdefault(name, []).append(value)
+        if self.return_sites:
+            missing = [name for name in self.return_sites if name not in draws]
+            if missing:
+                raise ValueError(f"Predictive: return_sites {missing} are not sites of the model")
+        return {name: torch.stack(values) for name, values in draws.items()}

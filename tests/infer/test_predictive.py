@@ -37,3 +37,36 @@ def test_predictive_draws_the_likelihood():
     # (which is what a point-estimate initialisation of "y" would give). 400 × 200 draws: s.e. ~ 0.2%.
     resid = samples["y"] - torch.einsum("nd,sd->sn", x, samples["w"].squeeze(1))
     assert resid.var().item() == pytest.approx(0.25, rel=0.03)
+
+
+def classifier(x, y=None):
+    w = pyro.sample("w", ImproperLogUniform().expand([3, 4]).to_event(2))
+    logits = torch.nn.functional.linear(x, w)
+    with pyro.plate("data", x.shape[0]):
+        pyro.sample("obs", dist.Categorical(logits=logits), obs=y)
+    return logits
+
+
+def test_predictive_under_local_reparam_samples_pre_activations(monkeypatch):
+    from pyro_vdrop.distributions import VariationalDropoutNormal
+    from pyro_vdrop.poutine import local_reparam
+
+    x, y = torch.randn(30, 4), torch.randint(0, 3, (30,))
+    guide = AutoVariationalDropout(classifier, init_log_alpha=-1.0)
+    guide(x, y)
+    monkeypatch.setattr(VariationalDropoutNormal, "rsample", lambda *a, **k: pytest.fail("weight sampled"))
+    predictive = Predictive(classifier, guide=guide, num_samples=300, return_sites=["obs", "_RETURN"])
+    with local_reparam():
+        draws = predictive(x)
+    assert draws["obs"].shape == (300, 30) and draws["_RETURN"].shape == (300, 30, 3)
+    # per-example noise: the logits of two examples are uncorrelated across draws (300 draws: |r| < 4.5/sqrt(300))
+    logits = draws["_RETURN"][:, :, 0]
+    r = torch.corrcoef(torch.stack([logits[:, 0], logits[:, 1]]))[0, 1]
+    assert r.abs() < 4.5 / 300**0.5
+    # the default return sites are those the guide does not give; a weight cannot be returned
+    with local_reparam():
+        assert set(Predictive(classifier, guide=guide, num_samples=2)(x)) == {"obs"}
+        with pytest.raises(ValueError, match="site 'w' is a weight under local_reparam"):
+            Predictive(classifier, guide=guide, num_samples=2, return_sites=["w"])(x)
+        with pytest.raises(ValueError, match="parallel=False"):
+            Predictive(classifier, guide=guide, num_samples=2, parallel=True)(x)
