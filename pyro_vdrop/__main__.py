@@ -1,0 +1,8 @@
+# SPDX-License-Identifier: Apache-2.0
+"""``python -m pyro_vdrop`` runs the ``pyro-vdrop`` command."""
+
+import sys
+
+from pyro_vdrop.cli import main
+
+sys.exit(main())

@@ -1,0 +1,315 @@
+# SPDX-License-Identifier: Apache-2.0
+"""
+The ``pyro-vdrop`` command: train, evaluate and report on variational-dropout networks.
+
+::
+
+    pyro-vdrop fit                                  # LeNet-300-100, sparse VD + LRT, embedded MNIST (~1 min)
+    pyro-vdrop fit --dataset mnist --epochs 200 --kl-warmup 15 --kl-warmup-start 5 --out runs/lenet300
+    pyro-vdrop fit --out runs/lenet300 --resume     # continue an interrupted run exactly
+    pyro-vdrop evaluate --run runs/lenet300         # test error with θ, pruned, and MC predictive
+    pyro-vdrop report --run runs/lenet300           # report.md with log α histograms, curves, masks
+
+Errors (bad options, missing data, a run directory that does not fit) are printed on stderr and the command
+exits with status 2 without touching existing files. The work is done by :mod:`pyro_vdrop.train`.
+"""
+
+import argparse
+import dataclasses
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from pyro_vdrop.train import (
+    DEVICES,
+    ESTIMATORS,
+    GUIDES,
+    LR_DECAYS,
+    MODELS,
+    PRUNE_THRESHOLD,
+    RunError,
+    TrainConfig,
+)
+
+_DEFAULTS = TrainConfig()
+_EXIT_ERROR = 2
+_EXIT_INTERRUPTED = 130
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}")
+    return value
+
+
+def _number(low: float, *, low_open: bool, high: float | None = None):
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        bad = value != value or (value <= low if low_open else value < low) or (high is not None and value >= high)
+        if bad:
+            interval = f"{'(' if low_open else '['}{low:g}, {'∞' if high is None else f'{high:g}'})"
+            raise argparse.ArgumentTypeError(f"expected a number in {interval}, got {text!r}")
+        return value
+
+    return parse
+
+
+def _default(name: str) -> str:
+    return f" (default: {getattr(_DEFAULTS, name)})"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of ``pyro-vdrop`` (sub-commands ``fit``, ``evaluate``, ``report``)."""
+    from pyro_vdrop import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="pyro-vdrop",
+        description="Variational dropout and the local reparameterization trick for Pyro: train, evaluate, report.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    # Options of fit default to None so that an explicitly given option can be told from a default (--resume
+    # checks them against the run); TrainConfig supplies the defaults.
+    fit = commands.add_parser(
+        "fit",
+        help="train a network with variational dropout",
+        description="Train a network with variational dropout on MNIST. Without options: LeNet-300-100, sparse VD "
+        "(additive parameterization) with the local reparameterization trick on the embedded MNIST subset, "
+        "about a minute on 2 CPU cores. Checkpoints and metrics go to --out after every epoch.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    net = fit.add_argument_group("network and data")
+    net.add_argument("--model", choices=MODELS, help="network" + _default("model"))
+    net.add_argument("--width", type=_positive_int, help="hidden units per layer of --model mlp" + _default("width"))
+    net.add_argument("--dataset", choices=("embedded", "mnist"), help="data set" + _default("dataset"))
+    net.add_argument("--data-dir", metavar="DIR", help="folder of the MNIST IDX files (default: $PYRO_VDROP_MNIST_DIR)")
+    net.add_argument("--train-subset", type=_positive_int, metavar="N", help="train on a seeded subset of N images")
+    net.add_argument("--test-subset", type=_positive_int, metavar="N", help="test on a seeded subset of N images")
+    var = fit.add_argument_group("variational dropout")
+    var.add_argument(
+        "--guide",
+        choices=GUIDES,
+        help="posterior: sparse (Molchanov et al. 2017), A / A2 / B (Kingma et al. 2015), or gaussian-dropout with "
+        "fixed alpha = p/(1-p)" + _default("guide"),
+    )
+    var.add_argument(
+        "--dropout-p",
+        type=_number(0.0, low_open=True, high=1.0),
+        metavar="P",
+        help="Bernoulli-equivalent dropout rate of --guide gaussian-dropout" + _default("dropout_p"),
+    )
+    var.add_argument(
+        "--estimator",
+        choices=ESTIMATORS,
+        help="gradient estimator: local reparameterization, Flipout, or one weight sample per minibatch"
+        + _default("estimator"),
+    )
+    opt = fit.add_argument_group("optimisation")
+    opt.add_argument("--epochs", type=_positive_int, help="passes over the training data" + _default("epochs"))
+    opt.add_argument("--batch-size", type=_positive_int, metavar="M", help="minibatch size" + _default("batch_size"))
+    opt.add_argument("--lr", type=_number(0.0, low_open=True), help="Adam's learning rate" + _default("lr"))
+    opt.add_argument(
+        "--lr-decay", choices=LR_DECAYS, help="learning-rate schedule (linear: to 0 at the end)" + _default("lr_decay")
+    )
+    opt.add_argument(
+        "--kl-warmup",
+        type=_number(0.0, low_open=False),
+        metavar="EPOCHS",
+        help="epochs over which the KL weight rises from 0 to 1 (0: none)" + _default("kl_warmup"),
+    )
+    opt.add_argument(
+        "--kl-warmup-start",
+        type=_number(0.0, low_open=False),
+        metavar="EPOCH",
+        help="epoch at which the KL warm-up starts" + _default("kl_warmup_start"),
+    )
+    opt.add_argument(
+        "--pretrain-epochs",
+        type=_non_negative_int,
+        metavar="N",
+        help="epochs of plain training whose weights initialise the posterior means" + _default("pretrain_epochs"),
+    )
+    opt.add_argument("--seed", type=_non_negative_int, help="random seed" + _default("seed"))
+    opt.add_argument("--device", choices=DEVICES, help="where to compute" + _default("device"))
+    run = fit.add_argument_group("run directory")
+    run.add_argument(
+        "--out", metavar="DIR", help="run directory for checkpoints and metrics (default: runs/<model>-<guide>-<time>)"
+    )
+    run.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    run.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
+    run.add_argument("--no-progress", action="store_true", help="no progress bar")
+    run.add_argument("--threads", type=_positive_int, metavar="N", help="torch CPU threads (default: torch's)")
+
+    ev = commands.add_parser(
+        "evaluate",
+        help="test error of a run: with θ, pruned, and Monte Carlo predictive",
+        description="Test error of a trained run with the posterior means θ, with the weights of log α > "
+        "--threshold pruned, and with the Monte Carlo posterior predictive; written to evaluation.json.",
+    )
+    ev.add_argument("--run", metavar="DIR", required=True, help="a run directory written by 'pyro-vdrop fit'")
+    ev.add_argument("--num-samples", type=_positive_int, default=10, metavar="S", help="posterior draws (default: 10)")
+    ev.add_argument(
+        "--threshold",
+        type=float,
+        default=PRUNE_THRESHOLD,
+        help=f"pruning threshold on log α (default: {PRUNE_THRESHOLD})",
+    )
+    ev.add_argument("--seed", type=_non_negative_int, default=0, help="seed of the Monte Carlo draws (default: 0)")
+    ev.add_argument("--device", choices=DEVICES, help="where to compute (default: the run's)")
+    ev.add_argument("--data-dir", metavar="DIR", help="folder of the MNIST IDX files (default: the run's)")
+    ev.add_argument("--threads", type=_positive_int, metavar="N", help="torch CPU threads (default: torch's)")
+
+    rep = commands.add_parser(
+        "report",
+        help="report.md with log α histograms, training curves and first-layer masks (needs matplotlib)",
+        description="Write report.md and PNG figures into the run directory: log α histogram per layer, test "
+        "error / sparsity / ELBO curves, and the kept-weight masks of the first layer. Needs matplotlib "
+        "(pip install 'pyro-vdrop[plot]').",
+    )
+    rep.add_argument("--run", metavar="DIR", required=True, help="a run directory written by 'pyro-vdrop fit'")
+    rep.add_argument("--max-units", type=_positive_int, default=100, help="units shown in the mask grid (default: 100)")
+    rep.add_argument(
+        "--threshold",
+        type=float,
+        default=PRUNE_THRESHOLD,
+        help=f"pruning threshold on log α (default: {PRUNE_THRESHOLD})",
+    )
+    return parser
+
+
+_CONFIG_FIELDS = tuple(f.name for f in dataclasses.fields(TrainConfig))
+
+
+def _percent(value: float) -> str:
+    return f"{100 * value:.2f} %"
+
+
+def _fit(args, argv) -> None:
+    from pyro_vdrop import train
+
+    given = {name: getattr(args, name) for name in _CONFIG_FIELDS if getattr(args, name) is not None}
+    command = "pyro-vdrop " + shlex.join(argv)
+    if args.resume:
+        if args.out is None:
+            raise RunError("--resume needs --out DIR, the run to continue")
+        config = None
+    else:
+        try:
+            config = TrainConfig(**given)
+        except ValueError as e:
+            raise RunError(str(e)) from e
+    out = args.out
+    if out is None:
+        out = Path("runs") / f"{config.model}-{config.guide}-{time.strftime('%Y%m%d-%H%M%S')}"
+    summary = train.fit(
+        config,
+        out,
+        resume=args.resume,
+        overwrite=args.overwrite,
+        progress=not args.no_progress,
+        command=command,
+        overrides=given if args.resume else None,
+    )
+    print(
+        f"pyro-vdrop fit: {summary['model']}, {summary['guide']} guide, {summary['estimator']} estimator, "
+        f"{summary['dataset']} ({summary['num_train']} train / {summary['num_test']} test), "
+        f"{summary['epochs']} epochs in {summary['time']:.1f} s"
+    )
+    print(f"  test error (θ)          {_percent(summary['test_error'])}")
+    print(f"  test error (pruned)     {_percent(summary['test_error_pruned'])}   (weights with log α > 3 removed)")
+    print(
+        f"  compression             {summary['compression']:.1f}×   (sparsity {_percent(summary['sparsity'])}, "
+        f"{summary['kept']:,} of {summary['weights']:,} weights kept)"
+    )
+    print(f"  run directory           {summary['run']}")
+
+
+def _evaluate(args) -> None:
+    from pyro_vdrop import train
+
+    result = train.evaluate(
+        args.run,
+        num_samples=args.num_samples,
+        threshold=args.threshold,
+        device=args.device,
+        data_dir=args.data_dir,
+        seed=args.seed,
+    )
+    print(
+        f"pyro-vdrop evaluate: {result['run']} (epoch {result['epoch']} of {result['epochs']}), "
+        f"{result['num_test']} test images"
+    )
+    rows = [
+        ("test error (θ)", _percent(result["test_error"])),
+        (f"test error (pruned, log α > {result['threshold']:g})", _percent(result["test_error_pruned"])),
+        (f"test error (MC predictive, S={result['num_samples']})", _percent(result["test_error_mc"])),
+        ("compression", f"{result['compression']:.1f}×   ({result['kept']:,} of {result['weights']:,} weights kept)"),
+    ]
+    for label, value in rows:
+        print(f"  {label:<36} {value}")
+    print(f"  written to {Path(args.run) / train.EVALUATION_FILE}")
+
+
+def _report(args) -> None:
+    from pyro_vdrop import train
+
+    path = train.write_report(args.run, max_units=args.max_units, threshold=args.threshold)
+    print(f"pyro-vdrop report: wrote {path} and its figures")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """
+    Runs ``pyro-vdrop`` with the arguments ``argv`` (default ``sys.argv[1:]``).
+
+    :returns: The exit status: 0 on success; 2 (after a message on stderr) for bad options, missing data or a
+        run directory that does not fit; 130 when interrupted.
+    """
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "threads", None):
+        torch.set_num_threads(args.threads)
+    try:
+        if args.command == "fit":
+            _fit(args, argv)
+        elif args.command == "evaluate":
+            _evaluate(args)
+        else:
+            _report(args)
+    except RunError as e:
+        print(f"pyro-vdrop {args.command}: error: {e}", file=sys.stderr)
+        return _EXIT_ERROR
+    except KeyboardInterrupt:
+        if args.command == "fit":
+            print(
+                "pyro-vdrop fit: interrupted; the last completed epoch is checkpointed: continue with "
+                "'pyro-vdrop fit --out DIR --resume'",
+                file=sys.stderr,
+            )
+        return _EXIT_INTERRUPTED
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

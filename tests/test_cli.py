@@ -1,0 +1,167 @@
+# SPDX-License-Identifier: Apache-2.0
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from pyro_vdrop.cli import main
+from pyro_vdrop.train import CHECKPOINT_FILE, load_checkpoint
+
+TINY = ["--model", "mlp", "--width", "16", "--train-subset", "120", "--test-subset", "60", "--batch-size", "40"]
+TINY += ["--kl-warmup", "1", "--pretrain-epochs", "0", "--no-progress"]
+
+
+def _files(folder):
+    return {p.name: p.read_bytes() for p in folder.iterdir()} if folder.exists() else {}
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("cli") / "run"
+    assert main(["fit", *TINY, "--epochs", "2", "--out", str(out)]) == 0
+    return out
+
+
+def test_fit_writes_run_and_prints_summary(run_dir, capsys):
+    for name in ("config.json", "checkpoint.pt", "metrics.csv", "metrics.jsonl", "summary.json"):
+        assert (run_dir / name).is_file(), name
+    record = json.loads((run_dir / "config.json").read_text())
+    assert record["config"]["model"] == "mlp" and record["config"]["width"] == 16
+    assert record["command"].startswith("pyro-vdrop fit --model mlp")
+    assert {"torch", "pyro", "python", "platform"} <= set(record["environment"])
+    summary = json.loads((run_dir / "summary.json").read_text())
+    metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert summary["test_error_pruned"] == metrics[-1]["test_error_pruned"]
+
+    out = tmp = run_dir.parent / "again"
+    assert main(["fit", *TINY, "--epochs", "1", "--out", str(tmp)]) == 0
+    printed = capsys.readouterr().out
+    assert "test error (pruned)" in printed and "compression" in printed and str(out) in printed
+
+
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["fit", "--epochs", "0"], "--epochs: expected a positive integer"),
+        (["fit", "--model", "resnet"], "invalid choice: 'resnet'"),
+        (["fit", "--dropout-p", "1.5"], "--dropout-p: expected a number in (0, 1)"),
+        (["fit", "--lr", "-1"], "--lr: expected a number in (0, ∞)"),
+        (["evaluate"], "the following arguments are required: --run"),
+        ([], "the following arguments are required: COMMAND"),
+    ],
+)
+def test_bad_arguments_exit_2(argv, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_data_dir_needs_mnist(tmp_path, capsys):
+    assert main(["fit", *TINY, "--data-dir", str(tmp_path), "--out", str(tmp_path / "run")]) == 2
+    assert "data_dir applies to dataset='mnist' only" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+def test_missing_mnist_files(tmp_path, capsys):
+    code = main(["fit", *TINY, "--dataset", "mnist", "--data-dir", str(tmp_path), "--out", str(tmp_path / "run")])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "cannot load the 'mnist' train data" in err and str(tmp_path) in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_existing_run_is_not_overwritten(run_dir, capsys):
+    before = _files(run_dir)
+    assert main(["fit", *TINY, "--epochs", "2", "--out", str(run_dir)]) == 2
+    assert "already holds a run" in capsys.readouterr().err
+    assert main(["fit", "--resume", "--model", "lenet300", "--out", str(run_dir), "--no-progress"]) == 2
+    assert "trained with another configuration: model='lenet300' (run has 'mlp')" in capsys.readouterr().err
+    assert main(["fit", "--resume", "--overwrite", "--out", str(run_dir)]) == 2
+    assert "exclude each other" in capsys.readouterr().err
+    assert main(["fit", "--resume", "--data-dir", str(run_dir), "--out", str(run_dir)]) == 2
+    assert "data_dir applies to dataset='mnist' only" in capsys.readouterr().err
+    assert _files(run_dir) == before
+
+
+def test_resume_needs_a_checkpoint(tmp_path, capsys):
+    assert main(["fit", "--resume", "--out", str(tmp_path)]) == 2
+    assert "holds no checkpoint.pt" in capsys.readouterr().err
+    assert main(["fit", "--resume"]) == 2
+    assert "--resume needs --out" in capsys.readouterr().err
+
+
+def test_evaluate_and_report_errors(tmp_path, run_dir, capsys):
+    assert main(["evaluate", "--run", str(tmp_path / "nowhere")]) == 2
+    assert "no such directory" in capsys.readouterr().err
+    assert main(["evaluate", "--run", str(tmp_path)]) == 2
+    assert "no checkpoint here" in capsys.readouterr().err
+    # a run directory whose checkpoint belongs to another model
+    state = load_checkpoint(run_dir / CHECKPOINT_FILE)
+    state["config"]["width"] = 32
+    torch.save(state, tmp_path / CHECKPOINT_FILE)
+    assert main(["evaluate", "--run", str(tmp_path)]) == 2
+    assert "does not fit the model built from its configuration" in capsys.readouterr().err
+    assert not (tmp_path / "evaluation.json").exists()
+
+
+def test_evaluate(run_dir, capsys):
+    assert main(["evaluate", "--run", str(run_dir), "--num-samples", "3"]) == 0
+    printed = capsys.readouterr().out
+    result = json.loads((run_dir / "evaluation.json").read_text())
+    assert result["num_samples"] == 3 and result["num_test"] == 60
+    assert f"{100 * result['test_error_mc']:.2f} %" in printed
+
+
+def test_report(run_dir, capsys):
+    pytest.importorskip("matplotlib")
+    assert main(["report", "--run", str(run_dir), "--max-units", "9"]) == 0
+    assert "report.md" in capsys.readouterr().out
+    text = (run_dir / "report.md").read_text()
+    for name in ("log_alpha_hist.png", "curves.png", "first_layer_masks.png"):
+        assert name in text
+        assert (run_dir / name).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_report_without_matplotlib(run_dir, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # makes `import matplotlib` raise ImportError
+    assert main(["report", "--run", str(run_dir)]) == 2
+    assert "pip install 'pyro-vdrop[plot]'" in capsys.readouterr().err
+
+
+def test_killed_process_resumes_to_the_same_parameters(tmp_path):
+    # Train in a subprocess that is SIGKILLed in the middle of epoch 3 (no cleanup runs), resume it with the
+    # command line, and compare with an uninterrupted run of the same seed.
+    argv = [*TINY, "--epochs", "4", "--seed", "3"]
+    killed = tmp_path / "killed"
+    script = textwrap.dedent(
+        f"""
+        import os, signal
+        from pyro_vdrop import cli, train
+
+        def kill(info):
+            if info["step"] == 7:
+                os.kill(os.getpid(), signal.SIGKILL)
+
+        train.fit = lambda *args, fit=train.fit, **kwargs: fit(*args, **kwargs, callback=kill)
+        cli.main(["fit", *{argv!r}, "--out", {str(killed)!r}])
+        """
+    )
+    env = {**os.environ, "PYTHONWARNINGS": "error"}
+    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    assert load_checkpoint(killed / CHECKPOINT_FILE)["epoch"] == 2
+    assert not [p.name for p in killed.iterdir() if p.name.endswith(".tmp")]
+
+    assert main(["fit", "--resume", "--out", str(killed), "--no-progress"]) == 0
+    assert main(["fit", *argv, "--out", str(tmp_path / "full")]) == 0
+    a = load_checkpoint(killed / CHECKPOINT_FILE)
+    b = load_checkpoint(tmp_path / "full" / CHECKPOINT_FILE)
+    assert a["epoch"] == b["epoch"] == 4
+    for name, value in b["param_store"]["params"].items():
+        assert torch.allclose(a["param_store"]["params"][name], value, rtol=0, atol=1e-6), name
