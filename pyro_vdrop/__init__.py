@@ -7,8 +7,9 @@ Trick." NeurIPS 2015.
 """
 
 from pyro_vdrop import datasets, distributions, infer, nn, poutine
+from pyro_vdrop.arviz import to_inference_data
 from pyro_vdrop.poutine import local_reparam
 
 __version__ = "0.1.0.dev0"
 
-__all__ = ["__version__", "datasets", "distributions", "infer", "local_reparam", "nn", "poutine"]
+__all__ = ["__version__", "datasets", "distributions", "infer", "local_reparam", "nn", "poutine", "to_inference_data"]
