@@ -17,6 +17,7 @@ including through ``.to_event()`` (``Independent``) wrappers.
 
 import torch
 import torch.nn.functional as F
+from torch.autograd import Function
 from torch.distributions import Normal, register_kl
 
 from .correlated_variational_dropout_normal import CorrelatedVariationalDropoutNormal
@@ -32,6 +33,38 @@ KINGMA_C3 = 0.58629921
 MOLCHANOV_K1 = 0.63576
 MOLCHANOV_K2 = 1.87320
 MOLCHANOV_K3 = 1.48695
+
+
+class _MolchanovKL(Function):
+    r"""
+    The Molchanov fit as one autograd node (fewer elementwise passes than autograd of the formula):
+
+    .. math::
+
+        \mathrm{KL} = k_1 u - \tfrac{1}{2}\log\sigma(\log\alpha), \qquad
+        \frac{\partial\,\mathrm{KL}}{\partial\log\alpha} = -k_1 k_3 u (1 - u) - \tfrac{1}{2}\sigma(-\log\alpha),
+        \qquad u = \sigma(-(k_2 + k_3\log\alpha)) .
+
+    The backward pass is itself differentiable (it recomputes from ``log_alpha`` when a graph is being built).
+    """
+
+    @staticmethod
+    def forward(ctx, log_alpha):
+        u = log_alpha.mul(-MOLCHANOV_K3).sub_(MOLCHANOV_K2).sigmoid_()
+        log_sigmoid = F.logsigmoid(log_alpha)
+        ctx.save_for_backward(log_alpha, u)
+        return log_sigmoid.mul_(-0.5).add_(u, alpha=MOLCHANOV_K1)
+
+    @staticmethod
+    def backward(ctx, grad):
+        log_alpha, u = ctx.saved_tensors
+        if torch.is_grad_enabled():  # double backward: differentiable ops on log_alpha
+            u = torch.sigmoid(-(MOLCHANOV_K2 + MOLCHANOV_K3 * log_alpha))
+            d = MOLCHANOV_K1 * MOLCHANOV_K3 * (u * u - u) - 0.5 * torch.sigmoid(-log_alpha)
+            return grad * d
+        # -2 dKL/dlog α = σ(-log α) + 2 k1 k3 (u - u²)
+        d = log_alpha.neg().sigmoid_().add_(torch.addcmul(u, u, u, value=-1.0), alpha=2 * MOLCHANOV_K1 * MOLCHANOV_K3)
+        return d.mul_(grad).mul_(-0.5)
 
 
 def log_uniform_kl(log_alpha, approx="molchanov"):
@@ -74,19 +107,16 @@ def log_uniform_kl(log_alpha, approx="molchanov"):
     if not torch.is_tensor(log_alpha):
         log_alpha = torch.as_tensor(log_alpha, dtype=torch.get_default_dtype())
     if approx == "molchanov":
-        neg_kl = (
-            MOLCHANOV_K1 * torch.sigmoid(MOLCHANOV_K2 + MOLCHANOV_K3 * log_alpha)
-            - 0.5 * F.softplus(-log_alpha)
-            - MOLCHANOV_K1
-        )
-    else:
-        log_alpha = log_alpha.clamp(max=0.0)
-        alpha = log_alpha.exp()
-        neg_kl = 0.5 * log_alpha + alpha * (KINGMA_C1 + alpha * (KINGMA_C2 + alpha * KINGMA_C3))
+        return _MolchanovKL.apply(log_alpha)
+    log_alpha = log_alpha.clamp(max=0.0)
+    alpha = log_alpha.exp()
+    neg_kl = 0.5 * log_alpha + alpha * (KINGMA_C1 + alpha * (KINGMA_C2 + alpha * KINGMA_C3))
     return -neg_kl
 
 
 def _expand_kl(kl, q, p):
+    if kl.shape == q.batch_shape == p.batch_shape:
+        return kl
     shape = torch.broadcast_shapes(q.batch_shape, p.batch_shape)
     return kl.expand(shape) if kl.shape != shape else kl
 

@@ -57,8 +57,7 @@ class VariationalDropoutNormal(Normal):
 
     def __init__(self, loc, log_alpha, *, kl_approx=None, log_alpha_clip=None, validate_args=None):
         loc, log_alpha = broadcast_all(loc, log_alpha)
-        scale = (0.5 * log_alpha).exp() * loc.abs()
-        self._init(loc, log_alpha, scale, kl_approx, log_alpha_clip, validate_args, "multiplicative")
+        self._init(loc, log_alpha, None, kl_approx, log_alpha_clip, validate_args, "multiplicative")
 
     @classmethod
     def from_additive(cls, loc, log_sigma2, *, kl_approx=None, log_alpha_clip=None, validate_args=None):
@@ -74,12 +73,11 @@ class VariationalDropoutNormal(Normal):
         """
         loc, log_sigma2 = broadcast_all(loc, log_sigma2)
         log_alpha = log_sigma2 - 2 * safe_log_abs(loc)
-        scale = (0.5 * log_sigma2).exp()
         new = cls.__new__(cls)
-        new._init(loc, log_alpha, scale, kl_approx, log_alpha_clip, validate_args, "additive")
+        new._init(loc, log_alpha, log_sigma2, kl_approx, log_alpha_clip, validate_args, "additive")
         return new
 
-    def _init(self, loc, log_alpha, scale, kl_approx, log_alpha_clip, validate_args, parameterization):
+    def _init(self, loc, log_alpha, log_sigma2, kl_approx, log_alpha_clip, validate_args, parameterization):
         if kl_approx is not None:
             check_kl_approx(kl_approx)
         if log_alpha_clip is not None:
@@ -88,13 +86,44 @@ class VariationalDropoutNormal(Normal):
                 raise ValueError(f"log_alpha_clip must be (low, high) with low < high, got {log_alpha_clip!r}")
         self.loc = loc
         self.log_alpha = log_alpha
-        # A zero scale (θ = 0 with the multiplicative form) would make log_prob NaN: floor it
-        # where its square is still a normal number.
-        self.scale = scale.clamp(min=torch.finfo(scale.dtype).tiny ** 0.5)
+        # scale and variance are computed on first use: the local reparameterization needs only the
+        # variance, the KL neither (see the scale and variance properties).
+        self._log_sigma2 = log_sigma2
+        self._scale = None
+        self._variance = None
         self.kl_approx = kl_approx
         self.log_alpha_clip = log_alpha_clip
         self.parameterization = parameterization
         super(torch.distributions.Normal, self).__init__(loc.shape, validate_args=validate_args)
+
+    @property
+    def scale(self):
+        r"""
+        The standard deviation :math:`\sqrt{\alpha}|\theta|` (multiplicative) or :math:`\sigma` (additive),
+        floored where its square is still a normal number, so that a zero scale (θ = 0 with the
+        multiplicative form) does not make ``log_prob`` NaN. Computed on first use.
+        """
+        if self._scale is None:
+            if self._log_sigma2 is None:
+                scale = (0.5 * self.log_alpha).exp() * self.loc.abs()
+            else:
+                scale = (0.5 * self._log_sigma2).exp()
+            self._scale = scale.clamp(min=torch.finfo(scale.dtype).tiny ** 0.5)
+        return self._scale
+
+    @property
+    def variance(self):
+        r"""
+        The variance :math:`\alpha\theta^2` (multiplicative) or :math:`\sigma^2` (additive), computed on first
+        use from :math:`\log\alpha` and :math:`\theta` (or :math:`\log\sigma^2`) directly, without the floor of
+        :attr:`scale` (it may be 0 where θ = 0).
+        """
+        if self._variance is None:
+            if self._log_sigma2 is None:
+                self._variance = self.log_alpha.exp() * self.loc * self.loc
+            else:
+                self._variance = self._log_sigma2.exp()
+        return self._variance
 
     @property
     def alpha(self):
@@ -106,7 +135,9 @@ class VariationalDropoutNormal(Normal):
         batch_shape = torch.Size(batch_shape)
         new.loc = self.loc.expand(batch_shape)
         new.log_alpha = self.log_alpha.expand(batch_shape)
-        new.scale = self.scale.expand(batch_shape)
+        new._log_sigma2 = None if self._log_sigma2 is None else self._log_sigma2.expand(batch_shape)
+        new._scale = None if self._scale is None else self._scale.expand(batch_shape)
+        new._variance = None if self._variance is None else self._variance.expand(batch_shape)
         new.kl_approx = self.kl_approx
         new.log_alpha_clip = self.log_alpha_clip
         new.parameterization = self.parameterization

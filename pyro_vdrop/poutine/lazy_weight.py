@@ -99,10 +99,17 @@ class LazyWeight(torch.Tensor):
     """
 
     @staticmethod
-    def __new__(cls, loc, scale=None, noise_scale=None, *, site, estimator, distribution, fallback, auxiliary):
+    def __new__(
+        cls, loc, scale=None, noise_scale=None, *, site, estimator, distribution, fallback, auxiliary, moments=None
+    ):
         self = torch.Tensor._make_subclass(cls, loc.detach(), False)
         self._loc = loc
-        self._scale = scale  # independent noise: the standard deviation of every weight
+        # independent noise: the standard deviation and variance of every weight, each computed on first use
+        # (from ``moments``, a distribution with ``scale`` and ``variance``, or from the other one), so that
+        # LRT needs no standard deviation and Flipout no variance
+        self._std = scale
+        self._var = None
+        self._moments = moments
         self._noise_scale = noise_scale  # correlated noise: sqrt(alpha), broadcastable to loc
         self.site = site
         self.estimator = estimator
@@ -140,13 +147,10 @@ class LazyWeight(torch.Tensor):
         if base.batch_shape != fn.batch_shape + fn.event_shape:
             return None
         kwargs = dict(site=site, estimator=estimator, distribution=fn, fallback=fallback, auxiliary=auxiliary)
-        if isinstance(base, CorrelatedVariationalDropoutNormal):
-            if base.noise_shape == base.batch_shape:  # nothing shared: independent noise
-                return cls(base.loc, base.scale, **kwargs)
+        if isinstance(base, CorrelatedVariationalDropoutNormal) and base.noise_shape != base.batch_shape:
             return cls(base.loc, noise_scale=(0.5 * base._noise_log_alpha()).exp(), **kwargs)
-        if isinstance(base, Normal):
-            return cls(base.loc, base.scale, **kwargs)
-        return None
+        # a Normal, or a correlated posterior with nothing shared (independent noise)
+        return cls(base.loc, moments=base, **kwargs)
 
     def __repr__(self, *, tensor_contents=None):
         return f"LazyWeight(site={self.site!r}, shape={tuple(self.shape)}, estimator={self.estimator!r})"
@@ -155,13 +159,36 @@ class LazyWeight(torch.Tensor):
     def is_correlated(self):
         return self._noise_scale is not None
 
+    @property
+    def _scale(self):
+        """The standard deviation of every weight (independent noise), or None (correlated noise)."""
+        if self._std is None and not self.is_correlated:
+            if self._moments is not None:
+                self._std = self._moments.scale
+            elif self._parent is not None:
+                self._std = self._view_fn(self._parent._scale)
+        return self._std
+
+    @property
+    def _variance(self):
+        """The variance of every weight (independent noise), or None (correlated noise)."""
+        if self._var is None and not self.is_correlated:
+            if self._moments is not None:
+                self._var = self._moments.variance
+            elif self._parent is not None:
+                self._var = self._view_fn(self._parent._variance)
+            else:
+                self._var = self._std * self._std
+        return self._var
+
     # ----- transforms of the parameters (linear reshapes of the weight) -----
 
     def _derive(self, fn):
         """A lazy weight for ``fn(weight)``, where ``fn`` is a linear reshape (transpose, reshape, view)."""
+        # the moments of independent noise are derived from the parent's on first use
         new = LazyWeight(
             fn(self._loc),
-            None if self._scale is None else fn(self._scale),
+            None,
             None if self._noise_scale is None else fn(self._noise_scale),
             site=self.site,
             estimator=self.estimator,
@@ -340,8 +367,9 @@ def _add_bias(out, bias, channel_dim):
 
 
 def _sqrt(delta):
-    # tiny keeps the gradient of sqrt finite where an example's inputs are all zero
-    return (delta + torch.finfo(delta.dtype).tiny).sqrt()
+    # tiny keeps the gradient of sqrt finite where an example's inputs are all zero; in place: ``delta`` is
+    # the fresh output of a linear op, whose backward does not need it
+    return delta.add_(torch.finfo(delta.dtype).tiny).sqrt_()
 
 
 def lazy_linear(x, w, bias=None):
@@ -369,7 +397,7 @@ def lazy_linear(x, w, bias=None):
         if w.estimator == "mean":
             out = gamma
         elif w.estimator == "lrt":
-            out = gamma + _sqrt(F.linear(x * x, w._scale * w._scale)) * torch.randn_like(gamma)
+            out = torch.addcmul(gamma, _sqrt(F.linear(x * x, w._variance)), torch.randn_like(gamma))
         else:
             delta_w = w._scale * torch.randn_like(loc)
             sign_in = _rademacher(x.shape, x)
@@ -470,7 +498,7 @@ def lazy_conv(nd, x, w, bias=None, stride=1, padding=0, dilation=1, groups=1):
             out = out.reshape(n, loc.shape[0], *out.shape[2:])
         elif w.estimator == "lrt":
             gamma = conv(x, loc, None, **kw)
-            out = gamma + _sqrt(conv(x * x, w._scale * w._scale, None, **kw)) * torch.randn_like(gamma)
+            out = torch.addcmul(gamma, _sqrt(conv(x * x, w._variance, None, **kw)), torch.randn_like(gamma))
         else:
             delta_w = w._scale * torch.randn_like(loc)
             gamma = conv(x, loc, None, **kw)

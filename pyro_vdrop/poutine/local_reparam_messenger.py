@@ -11,10 +11,13 @@ from pyro.poutine.runtime import _PYRO_STACK
 from pyro.poutine.trace_messenger import TraceMessenger
 from torch.distributions import Independent, kl_divergence
 
+from pyro_vdrop.distributions import CorrelatedVariationalDropoutNormal, VariationalDropoutNormal
+
 from .lazy_weight import ESTIMATORS, LazyWeight
 from .local_reparam_site import LocalReparamSite
 
 _AUX_SUFFIX = "_unconstrained"
+_DROPOUT_POSTERIORS = (VariationalDropoutNormal, CorrelatedVariationalDropoutNormal)
 
 
 class LocalReparamMessenger(Messenger):
@@ -61,9 +64,13 @@ class LocalReparamMessenger(Messenger):
     :param str estimator: ``"lrt"`` (default, the local reparameterization trick) or ``"flipout"``;
         for diagnostics also ``"per-example"`` (an explicit weight sample per example: exact but
         :math:`M` weight-sized samples) and ``"mean"`` (no noise: the posterior mean weight).
-    :param sites: ``None`` (default: every site with a factorized Gaussian distribution), a
-        collection of site names, or a callable ``(name, msg) -> bool``. An autoguide's auxiliary
-        site ``"<name>_unconstrained"`` is selected by ``"<name>"``.
+    :param sites: ``None`` (default: every site whose distribution is a
+        :class:`~pyro_vdrop.distributions.VariationalDropoutNormal` or
+        :class:`~pyro_vdrop.distributions.CorrelatedVariationalDropoutNormal`, and the ``Normal`` of an
+        autoguide's auxiliary site; a plain ``Normal`` elsewhere is left alone, since an unobserved Normal
+        likelihood must stay a sample), a collection of site names (any factorized Gaussian site named
+        is made lazy), or a callable ``(name, msg) -> bool``. An autoguide's auxiliary site
+        ``"<name>_unconstrained"`` is selected by ``"<name>"``.
     :param bool fallback: If ``True``, a lazy weight used by an unsupported operation is replaced by
         one ordinary weight sample (drawn once per site and step). Off by default: such uses raise a
         :class:`~pyro_vdrop.poutine.LazyWeightError` naming the site and the op.
@@ -126,6 +133,11 @@ class LocalReparamMessenger(Messenger):
             return
         auxiliary = bool(msg["infer"].get("is_auxiliary", False))
         if not self._selected(msg, auxiliary):
+            return
+        if self.sites is None and not auxiliary and not isinstance(base, _DROPOUT_POSTERIORS):
+            # By default a plain Normal is made lazy only at an autoguide's auxiliary site: an unobserved
+            # Normal elsewhere is as likely a likelihood (e.g. a regression's y at prediction time) as a
+            # weight. Hand-written guides with Normal weights name their sites with sites=[...].
             return
         lazy = LazyWeight.from_distribution(
             fn, site=msg["name"], estimator=self.estimator, fallback=self.fallback, auxiliary=auxiliary

@@ -236,3 +236,44 @@ def test_trace_mean_field_elbo_trains_and_trace_elbo_runs():
     assert math.isfinite(Trace_ELBO().loss(model, guide, x, y))
     loc = guide.locs.fc.weight.detach()[0]
     assert abs(loc[0] - 2.0) < 0.2
+
+
+def _molchanov_formula(log_alpha):
+    # the published fit, written out with autograd (the reference for the fused implementation)
+    k1, k2, k3 = 0.63576, 1.87320, 1.48695
+    return -(k1 * torch.sigmoid(k2 + k3 * log_alpha) - 0.5 * torch.nn.functional.softplus(-log_alpha) - k1)
+
+
+def test_fused_molchanov_kl_matches_autograd_of_the_formula():
+    log_alpha = torch.linspace(-20, 20, 81, dtype=torch.float64, requires_grad=True)
+    kl = log_uniform_kl(log_alpha, "molchanov")
+    expected = _molchanov_formula(log_alpha)
+    assert torch.allclose(kl, expected, rtol=1e-12, atol=1e-14)
+    weights = torch.rand(81, dtype=torch.float64)  # a non-uniform incoming gradient
+    (grad,) = torch.autograd.grad((kl * weights).sum(), log_alpha)
+    (expected_grad,) = torch.autograd.grad((expected * weights).sum(), log_alpha)
+    assert torch.allclose(grad, expected_grad, rtol=1e-6, atol=1e-14)
+
+
+def test_fused_molchanov_kl_gradcheck_and_gradgradcheck():
+    log_alpha = (torch.rand(4, 5, dtype=torch.float64) * 40 - 20).requires_grad_()
+
+    def fn(x):
+        return log_uniform_kl(x, "molchanov")
+
+    assert torch.autograd.gradcheck(fn, (log_alpha,))
+    assert torch.autograd.gradgradcheck(fn, (log_alpha,))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_fused_molchanov_kl_finite_far_out(dtype, device):
+    log_alpha = torch.tensor([-1e4, -100.0, -20.0, 0.0, 20.0, 100.0, 1e4], dtype=dtype, device=device)
+    log_alpha.requires_grad_()
+    kl = log_uniform_kl(log_alpha, "molchanov")
+    kl.sum().backward()
+    assert kl.dtype == dtype and kl.device == log_alpha.device
+    assert torch.isfinite(kl).all() and torch.isfinite(log_alpha.grad).all()
+    # KL -> -log(alpha)/2 + k1 as alpha -> 0, and -> 0 as alpha -> inf; its slope -> -1/2 and 0
+    assert kl[0].item() == pytest.approx(5e3 + 0.63576, rel=1e-6)
+    assert abs(kl[-1].item()) < 1e-30
+    assert log_alpha.grad[0].item() == pytest.approx(-0.5) and log_alpha.grad[-1].item() == 0

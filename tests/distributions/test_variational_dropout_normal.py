@@ -128,3 +128,25 @@ def test_correlated_noise_is_shared_along_input_columns():
     assert e.noise_shape == (2, 1, 4)
     we = e.rsample() / loc
     assert not torch.allclose(we[0, 0], we[1, 0])
+
+
+@pytest.mark.parametrize("parameterization", ["multiplicative", "additive"])
+def test_variance_is_computed_directly_and_lazily(parameterization):
+    loc = torch.tensor([[0.5, -2.0], [0.0, 1.0]], dtype=torch.float64, requires_grad=True)
+    other = torch.tensor([[-1.0, 0.5], [-3.0, 2.0]], dtype=torch.float64, requires_grad=True)
+    if parameterization == "multiplicative":
+        d = VariationalDropoutNormal(loc, other)
+        expected = other.exp() * loc**2
+    else:
+        d = VariationalDropoutNormal.from_additive(loc, other)
+        expected = other.exp().expand(2, 2)
+    assert d._scale is None and d._variance is None  # nothing computed before use
+    assert torch.allclose(d.variance, expected)
+    # the scale agrees with the variance except where it is floored (θ = 0, multiplicative)
+    floor = torch.finfo(torch.float64).tiny ** 0.5
+    assert torch.allclose(d.scale, expected.sqrt().clamp(min=floor))
+    (grad,) = torch.autograd.grad(d.variance.sum(), other)
+    assert torch.allclose(grad, expected.detach())
+    e = d.expand(torch.Size([3, 2, 2]))
+    assert e.variance.shape == e.scale.shape == (3, 2, 2)
+    assert torch.allclose(e.variance, expected.expand(3, 2, 2))

@@ -221,6 +221,26 @@ def test_max_log_alpha_caps_the_posterior():
     assert (guide.log_alpha()["w"] == 0).all()
 
 
+@pytest.mark.parametrize("create_graph", [False, True])
+def test_max_log_alpha_gradient_matches_clamp(create_graph):
+    # the cap has a hand-written backward: it must equal autograd's gradient of clamp, including at the cap
+    x, y = linear_data()
+    guide = AutoVariationalDropout(linear_model, max_log_alpha=0.5)
+    guide(x, y)
+    init = torch.tensor([[-20.0, -1.0, 0.0, 0.5], [0.5 - 1e-6, 0.5 + 1e-6, 3.0, -0.1], [1e3, -1e3, 0.25, 0.75]])
+    pyro.get_param_store()["AutoVariationalDropout.log_alphas.w"] = init
+    weights = torch.rand(3, 4)
+    trace = poutine.trace(guide).get_trace(x, y)
+    param = trace.nodes["AutoVariationalDropout.log_alphas.w"]["value"].unconstrained()
+    capped = trace.nodes["w"]["fn"].base_dist.log_alpha
+    assert torch.equal(capped, init.clamp(max=0.5))
+    (grad,) = torch.autograd.grad((capped * weights).sum(), param, create_graph=create_graph)
+    leaf = init.clone().requires_grad_()
+    (expected,) = torch.autograd.grad((leaf.clamp(max=0.5) * weights).sum(), leaf)
+    assert torch.equal(grad, expected)
+    assert (grad[init > 0.5] == 0).all() and (grad[init <= 0.5] != 0).all()
+
+
 def test_kl_approx_and_clip_reach_the_distribution():
     x, y = linear_data()
     guide = AutoVariationalDropout(linear_model, kl_approx="kingma", log_alpha_clip=(-5.0, 5.0))

@@ -253,6 +253,25 @@ def test_gradients_flow_to_parameters():
     assert torch.isfinite(loc.grad).all() and torch.isfinite(log_alpha.grad).all()
 
 
+@pytest.mark.parametrize(
+    "estimator,uses", [("lrt", {"variance"}), ("flipout", {"scale"}), ("per-example", {"scale"}), ("mean", set())]
+)
+def test_moments_are_computed_only_when_the_estimator_needs_them(estimator, uses):
+    # LRT needs σ² only, which VariationalDropoutNormal computes as α θ² (no square of a floored σ); the
+    # others draw weight noise from σ. A transposed weight derives its moments from the root's.
+    loc = torch.tensor([[0.5, 0.0, -1.0], [2.0, 1.0, 0.0]], dtype=torch.float64)
+    log_alpha = torch.tensor([[-1.0, 0.0, 1.0], [-2.0, 0.5, 0.0]], dtype=torch.float64)
+    fn = VariationalDropoutNormal(loc, log_alpha)
+    w = LazyWeight.from_distribution(fn.to_event(2), site="w", estimator=estimator)
+    x = torch.randn(5, 3, dtype=torch.float64)
+    x @ w.T
+    assert {"scale"} & uses == ({"scale"} if fn._scale is not None else set())
+    assert {"variance"} & uses == ({"variance"} if fn._variance is not None else set())
+    wt = w.T
+    assert torch.equal(wt._variance, (log_alpha.exp() * loc**2).T)
+    assert torch.equal(wt._scale, fn.scale.T)
+
+
 UNSUPPORTED = {
     "mul": lambda w: w * 2,
     "index": lambda w: w[0],

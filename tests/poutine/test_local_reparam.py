@@ -22,6 +22,8 @@ from pyro_vdrop.infer import init_to_fan_in
 from pyro_vdrop.poutine import LazyWeight, LazyWeightError, LocalReparamSite, local_reparam
 
 N, D, H, C = 12, 5, 4, 3
+# b1 has a plain Normal guide, which local_reparam makes lazy only when named
+SITES = ["w1", "b1", "w2"]
 
 
 def model(x, y=None, size=None, subsample_size=None):
@@ -77,7 +79,7 @@ def test_elbo_is_data_term_minus_analytic_kl(Elbo, kind, estimator):
     """Both ELBOs give -(log p(y | LRT pre-activations) - KL): the KL is never dropped."""
     x, y = data()
     guide = make_guide("correlated" if kind == "correlated" else "independent", additive=kind == "additive")
-    with local_reparam(estimator=estimator):
+    with local_reparam(sites=SITES, estimator=estimator):
         guide(x, y)  # initialise the parameters, so that both runs below draw the same noise
         pyro.set_rng_seed(1)
         loss = Elbo(max_plate_nesting=1).loss(model, guide, x, y)
@@ -93,15 +95,15 @@ def test_elbo_is_data_term_minus_analytic_kl(Elbo, kind, estimator):
 def test_trace_elbo_and_mean_field_agree_with_scaled_kl():
     x, y = data()
     guide = make_guide(scale=0.25)  # KL annealing: the guide site's scale weights the KL
-    with local_reparam():
+    with local_reparam(sites=SITES):
         guide(x, y)
     losses = []
     for Elbo in (TraceMeanField_ELBO, Trace_ELBO):
-        with local_reparam():
+        with local_reparam(sites=SITES):
             pyro.set_rng_seed(3)
             losses.append(Elbo(max_plate_nesting=1).loss(model, guide, x, y))
     assert losses[0] == pytest.approx(losses[1], rel=1e-6)
-    with local_reparam():
+    with local_reparam(sites=SITES):
         pyro.set_rng_seed(3)
         guide_trace = poutine.trace(guide).get_trace(x, y)
         model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(x, y)
@@ -125,7 +127,7 @@ def test_no_weight_sample_or_log_density(monkeypatch):
     guide = make_guide()
     for Elbo in (TraceMeanField_ELBO, Trace_ELBO):
         svi = SVI(model, guide, pyro.optim.Adam({"lr": 0.01}), Elbo())
-        with local_reparam():
+        with local_reparam(sites=SITES):
             losses = [svi.step(x, y) for _ in range(2)]
         assert all(torch.isfinite(torch.tensor(losses)))
 
@@ -136,14 +138,14 @@ def test_svi_learns_and_subsample_scales_data_term_only():
     y = (x[:, 0] > 0).long() + (x[:, 1] > 0).long()
     guide = make_guide()
     svi = SVI(model, guide, pyro.optim.Adam({"lr": 0.05}), TraceMeanField_ELBO())
-    with local_reparam():
+    with local_reparam(sites=SITES):
         first = sum(svi.step(x, y, 200, 50) for _ in range(10))
         for _ in range(200):
             svi.step(x, y, 200, 50)
         last = sum(svi.step(x, y, 200, 50) for _ in range(10))
     assert last < 0.7 * first
     # with subsampling, the data term is scaled by N / M and the KL counted once
-    with local_reparam():
+    with local_reparam(sites=SITES):
         pyro.set_rng_seed(5)
         loss = TraceMeanField_ELBO(max_plate_nesting=1).loss(model, guide, x, y, 200, 50)
         pyro.set_rng_seed(5)
@@ -158,7 +160,7 @@ def test_svi_learns_and_subsample_scales_data_term_only():
 def test_mask_on_guide_masks_kl():
     x, y = data()
     guide = poutine.mask(make_guide(), mask=False)
-    with local_reparam():
+    with local_reparam(sites=SITES):
         guide(x, y)
         pyro.set_rng_seed(2)
         masked = Trace_ELBO(max_plate_nesting=1).loss(model, guide, x, y)
@@ -173,7 +175,7 @@ def test_autonormal():
     x, y = data()
     guide = AutoNormal(model, init_loc_fn=init_to_fan_in)
     for Elbo in (TraceMeanField_ELBO, Trace_ELBO):
-        with local_reparam():
+        with local_reparam(sites=SITES):
             guide(x, y)
             pyro.set_rng_seed(4)
             loss = Elbo(max_plate_nesting=1).loss(model, guide, x, y)
@@ -187,7 +189,7 @@ def test_autonormal():
         expected = -(model_trace.nodes["obs"]["fn"].log_prob(y).sum() - _kl_sum(guide_trace, model_trace))
         assert loss == pytest.approx(expected.item(), rel=1e-5)
     svi = SVI(model, guide, pyro.optim.Adam({"lr": 0.01}), TraceMeanField_ELBO())
-    with local_reparam():
+    with local_reparam(sites=SITES):
         assert torch.isfinite(torch.tensor(svi.step(x, y)))
 
 
@@ -281,7 +283,7 @@ def test_missing_kl_is_an_error():
         pyro.sample("w", dist.Normal(torch.zeros(H, D), 1.0).to_event(2))
 
     with pytest.raises(NotImplementedError, match=r"site 'w'.*KL"):
-        with local_reparam():
+        with local_reparam(sites=["w"]):
             TraceMeanField_ELBO().loss(model_t, guide_t, torch.randn(3, D))
 
 
@@ -314,7 +316,7 @@ def test_kl_computed_once_per_site(monkeypatch):
 
     monkeypatch.setattr(kl_module, "log_uniform_kl", counting)
     x, y = data()
-    with local_reparam():
+    with local_reparam(sites=SITES):
         TraceMeanField_ELBO(max_plate_nesting=1).loss(model, make_guide(), x, y)
     assert len(calls) == 2  # w1 and w2 (b1 has a Normal prior)
 
@@ -323,15 +325,42 @@ def test_posterior_predictive_by_replay_without_weight_samples(monkeypatch):
     """Replaying the model against one guide trace draws fresh pre-activation noise on every run."""
     x, y = data()
     guide = make_guide()
-    with local_reparam():
+    with local_reparam(sites=SITES):
         guide(x, y)
     monkeypatch.setattr(VariationalDropoutNormal, "rsample", lambda *a, **k: pytest.fail("weight sampled"))
-    with local_reparam(), torch.no_grad():
+    with local_reparam(sites=SITES), torch.no_grad():
         guide_trace = poutine.trace(guide).get_trace(x)
         logits = torch.stack([poutine.replay(model, trace=guide_trace)(x) for _ in range(200)])
     assert logits.shape == (200, N, C)
     assert (logits.std(0) > 0).all()
     # Predictive stacks guide values, which a lazy weight refuses with a clear error
     with pytest.raises(LazyWeightError, match=r"site 'w1'.*'stack'"):
-        with local_reparam():
+        with local_reparam(sites=SITES):
             pyro.infer.Predictive(model, guide=guide, num_samples=2, return_sites=["obs"])(x)
+
+
+def test_plain_normal_sites_are_not_lazy_unless_named():
+    """A regression's unobserved Normal likelihood must stay an ordinary sample under the handler."""
+
+    def regression(x, y=None):
+        w = pyro.sample("w", ImproperLogUniform().expand([1, D]).to_event(2))
+        b = pyro.sample("b", dist.Normal(0.0, 1.0))
+        with pyro.plate("data", x.shape[0]):
+            return pyro.sample("y", dist.Normal(F.linear(x, w).squeeze(-1) + b, 0.5), obs=y)
+
+    def guide(x, y=None):
+        loc = pyro.param("loc", torch.full((1, D), 0.5))
+        pyro.sample("w", VariationalDropoutNormal(loc, torch.full((1, D), -2.0)).to_event(2))
+        pyro.sample("b", dist.Normal(pyro.param("b_loc", torch.tensor(0.0)), 0.1))
+
+    x = torch.randn(N, D)
+    with local_reparam(), torch.no_grad():
+        guide_trace = poutine.trace(guide).get_trace(x)
+        model_trace = poutine.trace(poutine.replay(regression, trace=guide_trace)).get_trace(x)
+    assert isinstance(guide_trace.nodes["w"]["value"], LazyWeight)
+    assert not isinstance(guide_trace.nodes["b"]["value"], LazyWeight)
+    y = model_trace.nodes["y"]["value"]
+    assert not isinstance(y, LazyWeight) and y.shape == (N,)
+    with local_reparam(sites=["w", "b"]), torch.no_grad():
+        guide_trace = poutine.trace(guide).get_trace(x)
+    assert isinstance(guide_trace.nodes["b"]["value"], LazyWeight)
