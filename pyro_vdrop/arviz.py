@@ -23,7 +23,7 @@ from pyro.poutine.runtime import _PYRO_STACK
 from pyro.poutine.util import site_is_subsample
 from torch.distributions import constraints
 
-from pyro_vdrop.distributions.util import safe_log_abs
+from pyro_vdrop.distributions.util import normal_log_alpha, safe_log_abs
 from pyro_vdrop.nn import LOG_ALPHA_THRESHOLD
 from pyro_vdrop.poutine import LazyWeight, LocalReparamMessenger
 
@@ -441,7 +441,7 @@ def _variational_parameters(guide, guide_trace, model_trace, latent, args, kwarg
         if hasattr(fn, "log_alpha") and hasattr(fn, "loc"):  # the variational-dropout posteriors
             fn_theta, fn_log_alpha = fn.loc, fn.log_alpha
         elif isinstance(fn, torch.distributions.Normal):
-            fn_theta, fn_log_alpha = fn.loc, 2 * (safe_log_abs(fn.scale) - safe_log_abs(fn.loc))
+            fn_theta, fn_log_alpha = fn.loc, normal_log_alpha(fn.loc, fn.scale)
         else:
             fn_theta = fn_log_alpha = None
         if theta is None:
@@ -455,7 +455,7 @@ def _variational_parameters(guide, guide_trace, model_trace, latent, args, kwarg
             if name in quantiles:
                 median, upper = quantiles[name][0], quantiles[name][1]
                 log_alpha, log_alpha_source = (
-                    2 * (safe_log_abs(upper - median) - safe_log_abs(median)),
+                    normal_log_alpha(median, upper - median),
                     "guide.quantiles",
                 )
         if theta is None:

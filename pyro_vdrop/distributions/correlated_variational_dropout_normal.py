@@ -5,7 +5,7 @@ from pyro.distributions import TorchDistribution
 from torch.distributions import constraints
 from torch.distributions.utils import _standard_normal
 
-from .util import check_kl_approx
+from .util import check_kl_approx, floor_scale
 
 
 class CorrelatedVariationalDropoutNormal(TorchDistribution):
@@ -101,12 +101,14 @@ class CorrelatedVariationalDropoutNormal(TorchDistribution):
     def log_prob(self, value):
         if self._validate_args:
             self._validate_sample(value)
-        scale = self.scale.clamp(min=torch.finfo(self.loc.dtype).tiny ** 0.5)
-        return torch.distributions.Normal(self.loc, scale, validate_args=False).log_prob(value)
+        return self._marginal().log_prob(value)
 
     def entropy(self):
-        scale = self.scale.clamp(min=torch.finfo(self.loc.dtype).tiny ** 0.5)
-        return torch.distributions.Normal(self.loc, scale, validate_args=False).entropy()
+        return self._marginal().entropy()
+
+    def _marginal(self):
+        # the product of the marginals N(θ, αθ²), the mean-field surrogate of the degenerate joint
+        return torch.distributions.Normal(self.loc, floor_scale(self.scale), validate_args=False)
 
     def expand(self, batch_shape, _instance=None):
         new = self._get_checked_instance(CorrelatedVariationalDropoutNormal, _instance)

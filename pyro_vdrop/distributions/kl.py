@@ -22,7 +22,7 @@ from torch.distributions import Normal, register_kl
 
 from .correlated_variational_dropout_normal import CorrelatedVariationalDropoutNormal
 from .improper_log_uniform import ImproperLogUniform
-from .util import check_kl_approx, safe_log_abs
+from .util import check_kl_approx, normal_log_alpha
 from .variational_dropout_normal import VariationalDropoutNormal
 
 # Kingma, Salimans, Welling (2015), §3.3 / eq. (10): cubic fit of -KL for α ≤ 1.
@@ -134,6 +134,6 @@ def _kl_variationaldropoutnormal_improperloguniform(q, p):
 @register_kl(Normal, ImproperLogUniform)
 def _kl_normal_improperloguniform(q, p):
     # Any factorized Normal N(μ, σ²) is a dropout posterior with α = σ²/μ².
-    log_alpha = 2 * (safe_log_abs(q.scale) - safe_log_abs(q.loc))
+    log_alpha = normal_log_alpha(q.loc, q.scale)
     kl = log_uniform_kl(log_alpha, p.kl_approx)
     return _expand_kl(kl, q, p)

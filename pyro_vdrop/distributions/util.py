@@ -22,3 +22,19 @@ def safe_log_abs(x):
     dtype, so that ``x = 0`` gives a large finite value and a zero (not NaN) gradient.
     """
     return x.abs().clamp(min=torch.finfo(x.dtype).tiny).log()
+
+
+def floor_scale(scale):
+    """
+    A standard deviation floored where its square is still a normal number of its dtype, so that a zero
+    scale (θ = 0 with the multiplicative posterior) does not make a Normal ``log_prob`` NaN.
+    """
+    return scale.clamp(min=torch.finfo(scale.dtype).tiny ** 0.5)
+
+
+def normal_log_alpha(loc, scale):
+    r"""
+    The dropout rate of a factorized Normal read as a variational-dropout posterior:
+    :math:`\log\alpha = \log\sigma^2 - \log\mu^2`, finite (via :func:`safe_log_abs`) at μ = 0 or σ = 0.
+    """
+    return 2 * (safe_log_abs(scale) - safe_log_abs(loc))

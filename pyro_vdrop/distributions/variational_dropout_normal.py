@@ -5,7 +5,7 @@ from pyro.distributions import Normal
 from torch.distributions import constraints
 from torch.distributions.utils import broadcast_all
 
-from .util import check_kl_approx, safe_log_abs
+from .util import check_kl_approx, floor_scale, safe_log_abs
 
 
 class VariationalDropoutNormal(Normal):
@@ -108,7 +108,7 @@ class VariationalDropoutNormal(Normal):
                 scale = (0.5 * self.log_alpha).exp() * self.loc.abs()
             else:
                 scale = (0.5 * self._log_sigma2).exp()
-            self._scale = scale.clamp(min=torch.finfo(scale.dtype).tiny ** 0.5)
+            self._scale = floor_scale(scale)
         return self._scale
 
     @property
