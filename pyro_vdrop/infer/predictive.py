@@ -76,13 +76,8 @@ class Predictive(pyro.infer.Predictive):
                 for name, site in model_trace.nodes.items():
                     if site["type"] != "sample" and name != "_RETURN":
                         continue
-                    if self.return_sites is not None and len(self.return_sites) > 0:
-                        if name not in self.return_sites:
-                            continue
-                    elif name == "_RETURN" or (
-                        self.return_sites is not None and name in guide_trace.nodes and site["type"] == "sample"
-                    ):
-                        continue  # default: sites the guide does not give (Pyro's rule)
+                    if not self._returned(name, guide_trace):
+                        continue
                     value = site["value"]
                     if isinstance(value, LazyWeight):
                         if self.return_sites:
@@ -98,3 +93,11 @@ class Predictive(pyro.infer.Predictive):
             if missing:
                 raise ValueError(f"Predictive: return_sites {missing} are not sites of the model")
         return {name: torch.stack(values) for name, values in draws.items()}
+
+    def _returned(self, name, guide_trace):
+        # Pyro's rule: the sites listed; None: every sample site; (): the sites the guide does not give
+        if self.return_sites:
+            return name in self.return_sites
+        if name == "_RETURN":
+            return False
+        return self.return_sites is None or name not in guide_trace.nodes
