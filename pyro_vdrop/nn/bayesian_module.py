@@ -23,7 +23,7 @@ class BayesianModule(PyroModule):
         \quad\text{or}\quad \mathcal{N}(f_w(x_i), \sigma^2),
         \qquad i = 1, \dots, N,
 
-    inside ``pyro.plate("data", size=N, subsample_size=M)`` for a minibatch of :math:`M` of the :math:`N`
+    inside ``pyro.plate("data", size=N, subsample=torch.arange(M))`` for a minibatch of :math:`M` of the :math:`N`
     training points, so the data term of the ELBO is scaled by :math:`N/M` and the KL counted once [1, §1].
 
     Attributes: ``random_sites`` (the weight sites, in module order), ``likelihood``, ``num_data``,
@@ -62,7 +62,10 @@ class BayesianModule(PyroModule):
                 f"the minibatch has {batch_size} data points but num_data={size}; num_data must be the size of the "
                 "whole training set (pass num_data=None to bayesianize to use the batch size)"
             )
-        with pyro.plate("data", size=size, subsample_size=batch_size, device=out.device):
+        # The minibatch is already drawn (by the data loader): pass its indices, so that the plate does not draw a
+        # random permutation of all N indices on every step (``subsample_size=`` would; ~0.5 ms for N = 60,000).
+        subsample = torch.arange(batch_size, device=out.device)
+        with pyro.plate("data", size=size, subsample=subsample):
             if self.likelihood == "categorical":
                 if out.dim() != 2:
                     raise ValueError(

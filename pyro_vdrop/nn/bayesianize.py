@@ -77,7 +77,7 @@ def bayesianize(
     The input is not changed: the model is a deep copy converted with :func:`~pyro.nn.module.to_pyro_module_`,
     still an instance of the network's class. Its ``forward(x, y=None)`` (see :meth:`BayesianModule.forward`)
     runs the network, observes ``y`` at site ``"obs"`` inside ``pyro.plate("data", size=num_data,
-    subsample_size=len(x))`` — so minibatch ELBOs are scaled by :math:`N/M` [1, §1] — and returns the logits
+    subsample=torch.arange(len(x)))`` — so minibatch ELBOs are scaled by :math:`N/M` [1, §1] — and returns the logits
     or mean. The original weights stay available for initialising a guide::
 
         model = bayesianize(net, num_data=60000)
