@@ -7,6 +7,8 @@ The ``pyro-vdrop`` command: train, evaluate and report on variational-dropout ne
     pyro-vdrop fit                                  # LeNet-300-100, sparse VD + LRT, embedded MNIST (~1 min)
     pyro-vdrop fit --dataset mnist --epochs 200 --kl-warmup 15 --kl-warmup-start 5 --out runs/lenet300
     pyro-vdrop fit --out runs/lenet300 --resume     # continue an interrupted run exactly
+    pyro-vdrop fit --nproc 2                        # data-parallel in 2 local processes (torch.distributed)
+    torchrun --nproc_per_node 2 -m pyro_vdrop.cli fit   # the same, started by torchrun
     pyro-vdrop evaluate --run runs/lenet300         # test error with θ, pruned, and MC predictive
     pyro-vdrop report --run runs/lenet300           # report.md with log α histograms, curves, masks
 
@@ -16,6 +18,7 @@ exits with status 2 without touching existing files. The work is done by :mod:`p
 
 import argparse
 import dataclasses
+import os
 import shlex
 import sys
 import time
@@ -32,6 +35,7 @@ from pyro_vdrop.train import (
     PRUNE_THRESHOLD,
     RunError,
     TrainConfig,
+    _Rank0Error,
 )
 
 _DEFAULTS = TrainConfig()
@@ -122,8 +126,8 @@ def build_parser() -> argparse.ArgumentParser:
     var.add_argument(
         "--estimator",
         choices=ESTIMATORS,
-        help="gradient estimator: local reparameterization, Flipout, or one weight sample per minibatch"
-        + _default("estimator"),
+        help="gradient estimator: local reparameterization, Flipout, one weight sample per minibatch, or mean (a "
+        "noise-free diagnostic: the posterior means, no dropout noise)" + _default("estimator"),
     )
     opt = fit.add_argument_group("optimisation")
     opt.add_argument("--epochs", type=_positive_int, help="passes over the training data" + _default("epochs"))
@@ -159,7 +163,19 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     run.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
-    run.add_argument("--threads", type=_positive_int, metavar="N", help="torch CPU threads (default: torch's)")
+    run.add_argument(
+        "--threads",
+        type=_positive_int,
+        metavar="N",
+        help="torch CPU threads (per process; default: torch's, or the CPUs divided by --nproc)",
+    )
+    par = fit.add_argument_group(
+        "several processes",
+        "Data-parallel training with torch.distributed (gloo on CPU, nccl on CUDA): --batch-size stays the global "
+        "minibatch, each process takes an equal share of it, and process 0 writes the run directory. Start the "
+        "processes with --nproc, or with 'torchrun --nproc_per_node N -m pyro_vdrop.cli fit ...'.",
+    )
+    par.add_argument("--nproc", type=_positive_int, metavar="N", help="train in N local processes (default: 1)")
 
     ev = commands.add_parser(
         "evaluate",
@@ -205,7 +221,19 @@ def _percent(value: float) -> str:
     return f"{100 * value:.2f} %"
 
 
+def _torchrun_world_size() -> int:
+    """The number of processes that torchrun (or another launcher) started, from ``WORLD_SIZE``; 1 without one."""
+    try:
+        return int(os.environ.get("WORLD_SIZE", "1"))
+    except ValueError:
+        raise RunError(
+            f"the environment variable WORLD_SIZE must be an integer; got {os.environ['WORLD_SIZE']!r}"
+        ) from None
+
+
 def _fit(args, argv) -> None:
+    import torch.distributed as dist
+
     from pyro_vdrop import train
 
     given = {name: getattr(args, name) for name in _CONFIG_FIELDS if getattr(args, name) is not None}
@@ -219,22 +247,39 @@ def _fit(args, argv) -> None:
             config = TrainConfig(**given)
         except ValueError as e:
             raise RunError(str(e)) from e
+    nproc, torchrun = args.nproc or 1, _torchrun_world_size() > 1
+    if torchrun and args.nproc is not None:
+        raise RunError("--nproc starts its own processes: under torchrun leave it out (--nproc_per_node sets them)")
+    if config is not None:
+        train._check_batch_size(config.batch_size, nproc)  # before starting processes
     out = args.out
     if out is None:
         out = Path("runs") / f"{config.model}-{config.guide}-{time.strftime('%Y%m%d-%H%M%S')}"
-    summary = train.fit(
-        config,
-        out,
+    options = dict(
         resume=args.resume,
         overwrite=args.overwrite,
         progress=not args.no_progress,
         command=command,
         overrides=given if args.resume else None,
     )
+    if nproc > 1:
+        summary = train.launch(train.fit, config, out, nproc=nproc, threads=args.threads, **options)
+    elif torchrun:
+        with train.process_group():
+            if args.out is None:  # the processes may have started in different seconds: take process 0's name
+                choice = [out]
+                dist.broadcast_object_list(choice, src=0)
+                out = choice[0]
+            summary = train.fit(config, out, **options)
+            if dist.get_rank() != 0:
+                return
+    else:
+        summary = train.fit(config, out, **options)
     print(
         f"pyro-vdrop fit: {summary['model']}, {summary['guide']} guide, {summary['estimator']} estimator, "
         f"{summary['dataset']} ({summary['num_train']} train / {summary['num_test']} test), "
         f"{summary['epochs']} epochs in {summary['time']:.1f} s"
+        + (f", {summary['nproc']} processes" if summary["nproc"] > 1 else "")
     )
     print(f"  test error (θ)          {_percent(summary['test_error'])}")
     print(f"  test error (pruned)     {_percent(summary['test_error_pruned'])}   (weights with log α > 3 removed)")
@@ -288,7 +333,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser()
     args = parser.parse_args(argv)
-    if getattr(args, "threads", None):
+    if getattr(args, "threads", None) and (getattr(args, "nproc", None) or 1) == 1:  # else set in each process
         torch.set_num_threads(args.threads)
     try:
         if args.command == "fit":
@@ -298,13 +343,14 @@ def main(argv: list[str] | None = None) -> int:
         else:
             _report(args)
     except RunError as e:
-        print(f"pyro-vdrop {args.command}: error: {e}", file=sys.stderr)
+        if not isinstance(e, _Rank0Error):  # else process 0 of a torchrun run reports it
+            print(f"pyro-vdrop {args.command}: error: {e}", file=sys.stderr)
         return _EXIT_ERROR
     except KeyboardInterrupt:
-        if args.command == "fit":
+        if args.command == "fit" and os.environ.get("RANK", "0") == "0":  # under torchrun: process 0 says it
             print(
                 "pyro-vdrop fit: interrupted; the last completed epoch is checkpointed: continue with "
-                "'pyro-vdrop fit --out DIR --resume'",
+                f"'pyro-vdrop fit --out DIR --resume{f' --nproc {args.nproc}' if args.nproc else ''}'",
                 file=sys.stderr,
             )
         return _EXIT_INTERRUPTED

@@ -22,6 +22,12 @@ Example::
     print(summary["test_error_pruned"], summary["compression"])
     print(evaluate("runs/demo", num_samples=10))
 
+    # the same in 2 local processes with torch.distributed (the global batch stays 100)
+    summary = launch(fit, TrainConfig(epochs=5), "runs/demo-2", nproc=2)
+
+Under ``torchrun`` (or any launcher that initialises the default :mod:`torch.distributed` process group),
+:func:`fit` trains data-parallel by itself; see its docstring.
+
 **References**
 
 [1] Kingma, Salimans, Welling. "Variational Dropout and the Local
@@ -37,18 +43,23 @@ import io
 import json
 import math
 import os
+import pickle
 import platform
 import random
+import signal
+import socket
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pyro
 import torch
+import torch.distributed as dist
 from pyro import poutine
 from pyro.infer import SVI, TraceMeanField_ELBO
 from pyro.poutine.messenger import Messenger
@@ -59,7 +70,7 @@ from pyro.poutine.messenger import Messenger
 
 MODELS = ("mlp", "lenet300", "lenet5")
 GUIDES = ("sparse", "A", "A2", "B", "gaussian-dropout")
-ESTIMATORS = ("lrt", "flipout", "single-sample")
+ESTIMATORS = ("lrt", "flipout", "single-sample", "mean")
 DEVICES = ("auto", "cpu", "cuda")
 LR_DECAYS = ("linear", "none")
 
@@ -82,6 +93,8 @@ REPORT_FIGURES = ("log_alpha_hist.png", "curves.png", "first_layer_masks.png")
 RUN_FILES = (CONFIG_FILE, CHECKPOINT_FILE, METRICS_CSV, METRICS_JSONL, SUMMARY_FILE, EVALUATION_FILE, REPORT_FILE)
 RUN_FILES += REPORT_FIGURES
 CHECKPOINT_VERSION = 1
+#: How long a process waits for the others in a collective (e.g. while process 0 evaluates) before it gives up.
+DISTRIBUTED_TIMEOUT = timedelta(minutes=5)
 
 #: Columns of ``metrics.csv`` / keys of ``metrics.jsonl``, in order.
 METRIC_KEYS = (
@@ -138,10 +151,13 @@ class TrainConfig:
         (correlated noise [1]), ``"A2"`` (A with the KL scaled by 1/3 [1]), ``"B"`` (independent noise [1]) or
         ``"gaussian-dropout"`` (fixed :math:`\alpha = p/(1-p)`, the Bernoulli-equivalent Gaussian dropout).
     :param float dropout_p: The Bernoulli-equivalent dropout rate of ``"gaussian-dropout"``.
-    :param str estimator: ``"lrt"`` (local reparameterization), ``"flipout"`` or ``"single-sample"``
-        (one weight sample per minibatch).
+    :param str estimator: ``"lrt"`` (local reparameterization), ``"flipout"``, ``"single-sample"``
+        (one weight sample per minibatch) or ``"mean"``: a noise-free diagnostic that uses the posterior means θ
+        in the data term (:func:`~pyro_vdrop.poutine.local_reparam` with ``estimator="mean"``), so training is
+        deterministic given the data order; it does not learn α from the data, so it is not variational dropout.
     :param int epochs: Passes over the training data.
-    :param int batch_size: Minibatch size :math:`M` (the data term is scaled by :math:`N/M`).
+    :param int batch_size: Minibatch size :math:`M` (the data term is scaled by :math:`N/M`); the global
+        minibatch when training in several processes, each of which takes :math:`M/P` examples per step.
     :param float lr: Adam's learning rate.
     :param str lr_decay: ``"linear"`` (to 0 at the end of training, as in [2]) or ``"none"``.
     :param float kl_warmup: Epochs over which the KL weight rises linearly from 0 to 1 (0: no warm-up).
@@ -295,9 +311,12 @@ def select_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def _derived_seed(*keys: int) -> int:
+    return int(np.random.SeedSequence(list(keys)).generate_state(1, dtype=np.uint64)[0] >> 1)
+
+
 def _seeded_generator(*keys: int) -> torch.Generator:
-    seed = int(np.random.SeedSequence(list(keys)).generate_state(1, dtype=np.uint64)[0] >> 1)
-    return torch.Generator().manual_seed(seed)
+    return torch.Generator().manual_seed(_derived_seed(*keys))
 
 
 def load_data(config: TrainConfig, *, device: torch.device | str = "cpu") -> tuple[torch.Tensor, ...]:
@@ -421,7 +440,8 @@ def save_checkpoint(path: str | os.PathLike, state: dict) -> None:
     A training checkpoint holds ``version``, ``config``, ``epoch`` (completed epochs), ``step``, ``param_store``
     (:meth:`~pyro.params.param_store.ParamStoreDict.get_state`: the model's and the guide's parameters),
     ``optim`` (:meth:`~pyro.optim.PyroOptim.get_state`:
-    Adam's moments and the learning-rate schedule), ``rng`` (torch, CUDA, numpy and python states), ``history``
+    Adam's moments and the learning-rate schedule), ``rng`` (torch, CUDA, numpy and python states; with several
+    processes a list of them, one per rank), ``world_size`` (the number of processes; absent means 1), ``history``
     (the metric rows) and ``elapsed`` (training seconds).
     """
     _atomic_write(Path(path), lambda f: torch.save(state, f), binary=True)
@@ -580,19 +600,238 @@ def _posterior(guide) -> tuple[dict, dict]:
 
 
 # ---------------------------------------------------------------------------------------------------------------------
+# Several processes: torch.distributed
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class _World:
+    """This process's place in a run: its rank, the number of processes and its rank on its machine."""
+
+    rank: int = 0
+    size: int = 1
+    local_rank: int = 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.size > 1
+
+
+def _world() -> _World:
+    """The default process group as this process sees it; a single process when none (or one of size 1) exists."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return _World()
+    rank = dist.get_rank()
+    return _World(rank=rank, size=dist.get_world_size(), local_rank=int(os.environ.get("LOCAL_RANK", rank)))
+
+
+class _Rank0Error(RunError):
+    """Process 0's :class:`RunError`, raised again in the other processes, which leave reporting it to process 0."""
+
+
+def _from_rank0(world: _World, fn: Callable[[], Any]) -> Any:
+    """``fn()`` run by process 0 alone; its result, or its :class:`RunError`, is shared with every process."""
+    if not world.distributed:
+        return fn()
+    outcome, error = [None], None
+    if world.rank == 0:
+        try:
+            outcome = [(True, fn())]
+        except RunError as e:
+            outcome, error = [(False, str(e))], e
+    dist.broadcast_object_list(outcome, src=0)
+    if error is not None:
+        raise error
+    ok, value = outcome[0]
+    if not ok:
+        raise _Rank0Error(value)
+    return value
+
+
+def _sum_over_processes(world: _World, values: list[float], device: torch.device) -> list[float]:
+    if not world.distributed:
+        return values
+    total = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(total, op=dist.ReduceOp.SUM)
+    return total.tolist()
+
+
+def _process_device(device: torch.device, world: _World) -> torch.device:
+    """With CUDA and several processes, process ``LOCAL_RANK`` computes on ``cuda:LOCAL_RANK``."""
+    if device.type != "cuda" or not world.distributed:
+        return device
+    count = torch.cuda.device_count()
+    if world.local_rank >= count:
+        raise RunError(
+            f"process {world.rank} (local rank {world.local_rank}) computes on cuda:{world.local_rank}, but this "
+            f"machine has {count} CUDA device(s): start at most {count} process(es) per machine with --device cuda, "
+            "or use --device cpu"
+        )
+    return torch.device("cuda", world.local_rank)
+
+
+def _cpu_count() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+@contextlib.contextmanager
+def process_group(*, timeout: timedelta = DISTRIBUTED_TIMEOUT) -> Iterator[None]:
+    r"""
+    Joins this process to the default :mod:`torch.distributed` process group described by the environment
+    variables that ``torchrun`` sets (``MASTER_ADDR``, ``MASTER_PORT``, ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``)
+    for the ``with`` block, and destroys the group when the block ends. The backend is gloo for CPU tensors and,
+    where CUDA is available, nccl for CUDA tensors (``"cpu:gloo,cuda:nccl"``; process ``LOCAL_RANK`` then computes on
+    ``cuda:LOCAL_RANK``). Inside the block :func:`fit` trains data-parallel.
+
+    Example (``torchrun --nproc_per_node 2 train.py``)::
+
+        with process_group():
+            fit(TrainConfig(epochs=5), "runs/demo")
+
+    :param timedelta timeout: How long a collective operation waits for the other processes before it fails, so
+        that a process that died or hangs does not leave the others waiting for ever.
+    :raises RunError: if torch has no torch.distributed, a group is already initialised, or a variable is missing.
+    """
+    if not dist.is_available():
+        raise RunError("this torch build has no torch.distributed: train in a single process")
+    if dist.is_initialized():
+        raise RunError("a torch.distributed process group is already initialised in this process")
+    missing = [name for name in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE") if name not in os.environ]
+    if missing:
+        raise RunError(
+            f"the environment variables {', '.join(missing)} are not set: start the processes with torchrun or "
+            "'pyro-vdrop fit --nproc N'"
+        )
+    cuda = torch.cuda.is_available() and dist.is_nccl_available()
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if cuda and local_rank < torch.cuda.device_count():
+        torch.cuda.set_device(local_rank)
+    dist.init_process_group("cpu:gloo,cuda:nccl" if cuda else "gloo", init_method="env://", timeout=timeout)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+_RESULT_FILE = "result.pkl"
+_EXIT_RUN_ERROR = 2
+
+
+def _launched(rank, fn, args, kwargs, nproc, port, threads, timeout, folder):
+    """The body of a process started by :func:`launch`."""
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        WORLD_SIZE=str(nproc),
+        LOCAL_RANK=str(rank),
+        LOCAL_WORLD_SIZE=str(nproc),
+    )
+    torch.set_num_threads(threads)
+    with process_group(timeout=timeout):
+        try:
+            result = fn(*args, **kwargs)
+        except RunError as e:
+            # written before leaving the group: the others may fail as soon as this process is gone
+            message = str(e)
+            _atomic_write(Path(folder) / f"error-{rank}.txt", lambda f: f.write(message), binary=False)
+            raise SystemExit(_EXIT_RUN_ERROR) from None
+    if rank == 0:
+        _atomic_write(Path(folder) / _RESULT_FILE, lambda f: pickle.dump(result, f), binary=True)
+
+
+def _stop(processes, *, grace: float = 3.0) -> None:
+    """Stops the processes of :func:`launch` after this one was interrupted: Ctrl-C interrupted them as well, so let
+    them unwind; else interrupt them; terminate those that still run."""
+    for stop in (None, signal.SIGINT, signal.SIGTERM):
+        alive = [p for p in processes if p.is_alive()]
+        for p in alive if stop is not None else ():
+            os.kill(p.pid, stop)
+        deadline = time.monotonic() + grace
+        for p in alive:
+            p.join(timeout=max(deadline - time.monotonic(), 0.0))
+    for p in processes:
+        if p.is_alive():
+            p.kill()
+            p.join()
+
+
+def launch(
+    fn: Callable,
+    *args,
+    nproc: int,
+    threads: int | None = None,
+    timeout: timedelta = DISTRIBUTED_TIMEOUT,
+    **kwargs,
+) -> Any:
+    r"""
+    Runs ``fn(*args, **kwargs)`` in ``nproc`` new local processes (:func:`torch.multiprocessing.spawn`) joined in a
+    :mod:`torch.distributed` process group (:func:`process_group`, on 127.0.0.1 at a free port), as
+    ``pyro-vdrop fit --nproc N`` does with :func:`fit`. ``fn``, its arguments and its result must be picklable
+    (e.g. a module-level function).
+
+    If a process fails, the others are stopped: a :class:`RunError` is raised again here (that of the process of
+    the lowest rank that raised one), any other exception as :class:`torch.multiprocessing.ProcessRaisedException`
+    with the failed process's traceback.
+
+    :param callable fn: The function, e.g. :func:`fit`.
+    :param int nproc: The number of processes.
+    :param int threads: torch CPU threads per process (default: the CPUs available divided by ``nproc``, at
+        least 1).
+    :param timedelta timeout: See :func:`process_group`.
+    :returns: Process 0's return value.
+    """
+    if not isinstance(nproc, int) or isinstance(nproc, bool) or nproc < 1:
+        raise ValueError(f"nproc must be a positive integer; got {nproc!r}")
+    if not dist.is_available():
+        raise RunError("this torch build has no torch.distributed: train in a single process")
+    threads = max(1, _cpu_count() // nproc) if threads is None else threads
+    with tempfile.TemporaryDirectory(prefix="pyro-vdrop-launch-") as folder:
+        spawn_args = (fn, args, kwargs, nproc, _free_port(), threads, timeout, folder)
+        context = torch.multiprocessing.start_processes(
+            _launched, args=spawn_args, nprocs=nproc, join=False, start_method="spawn"
+        )
+        try:
+            while not context.join():  # raises when a process fails, after stopping the others
+                pass
+        except (torch.multiprocessing.ProcessExitedException, torch.multiprocessing.ProcessRaisedException):
+            errors = sorted(Path(folder).glob("error-*.txt"), key=lambda path: int(path.stem.split("-")[1]))
+            if errors:
+                raise RunError(errors[0].read_text(encoding="utf-8")) from None
+            raise
+        except KeyboardInterrupt:
+            _stop(context.processes)
+            raise
+        with open(Path(folder) / _RESULT_FILE, "rb") as f:
+            return pickle.load(f)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
 # The run
 # ---------------------------------------------------------------------------------------------------------------------
 
 
 class _Session:
-    """The live objects of one run: data, model, guide, optimizer and SVI."""
+    """The live objects of one run (in one process of a run): data, model, guide, optimizer and SVI."""
 
-    def __init__(self, config: TrainConfig, *, device: torch.device, restoring: bool = False):
+    def __init__(
+        self, config: TrainConfig, *, device: torch.device, restoring: bool = False, world: _World | None = None
+    ):
         self.config = config
         self.device = device
+        self.world = world = world or _World()
         self.x_train, self.y_train, self.x_test, self.y_test = load_data(config, device=device)
         self.num_data = self.x_train.shape[0]
-        self.steps_per_epoch = math.ceil(self.num_data / config.batch_size)
+        # Each process takes its share of the global batch, and ceil(N / P) examples per epoch (DistributedSampler)
+        self.batch_size = config.batch_size // world.size
+        self.num_local = math.ceil(self.num_data / world.size)
+        self.steps_per_epoch = math.ceil(self.num_local / self.batch_size)
         self.total_steps = self.steps_per_epoch * config.epochs
         pyro.clear_param_store()
         pyro.set_rng_seed(config.seed)
@@ -607,7 +846,7 @@ class _Session:
         init_values = self.model.initial_weights() if pretrain else None
         self.guide = build_guide(self.model, config, init_values=init_values)
         # The guide creates its parameters on its first call: make them now, on the first minibatch.
-        self.guide(self.x_train[: config.batch_size], self.y_train[: config.batch_size])
+        self.guide(self.x_train[: self.batch_size], self.y_train[: self.batch_size])
         self.kl_scale = self.guide.kl_scale  # the variant's own KL factor (A2: 1/3); warm-up multiplies it
         self.recorder = _ObservedLogits()
         self.optim = pyro.optim.LambdaLR(
@@ -617,7 +856,20 @@ class _Session:
                 "lr_lambda": _LinearDecay(self.total_steps, config.lr_decay),
             }
         )
+        if world.distributed:
+            from pyro_vdrop.optim import DistributedOptimizer
+
+            # as DistributedDataParallel does: start every process from process 0's parameters, then average the
+            # gradients; each process draws its own noise
+            self._broadcast_parameters()
+            self.optim = DistributedOptimizer(self.optim)
+            pyro.set_rng_seed(_derived_seed(config.seed, 4, world.rank) % 2**32)  # numpy takes 32-bit seeds
         self.svi = SVI(self.recorder(self.model), self.guide, self.optim, TraceMeanField_ELBO())
+
+    def _broadcast_parameters(self) -> None:
+        with torch.no_grad():
+            for _, value in sorted(pyro.get_param_store().named_parameters(), key=lambda item: item[0]):
+                dist.broadcast(value, src=0)
 
     def _pretrain(self) -> None:
         """Plain maximum-likelihood training of the network, whose weights then initialise θ [2]."""
@@ -633,6 +885,12 @@ class _Session:
                 optim.step()
 
     def state(self, *, epoch: int, step: int, history: list, elapsed: float) -> dict:
+        """The checkpoint; a collective operation when several processes train (each contributes its RNG state)."""
+        rng = _rng_state()
+        if self.world.distributed:
+            states = [None] * self.world.size
+            dist.all_gather_object(states, rng)
+            rng = states
         return {
             "version": CHECKPOINT_VERSION,
             "config": self.config.to_dict(),
@@ -640,7 +898,8 @@ class _Session:
             "step": step,
             "param_store": pyro.get_param_store().get_state(),
             "optim": self.optim.get_state(),
-            "rng": _rng_state(),
+            "rng": rng,
+            "world_size": self.world.size,
             "history": history,
             "elapsed": elapsed,
         }
@@ -672,8 +931,21 @@ class _Session:
         self.optim.set_state(state["optim"])
 
     def epoch_order(self, epoch: int) -> torch.Tensor:
-        """The shuffled order of epoch ``epoch``: a generator seeded by (seed, epoch), so resume repeats it."""
-        return torch.randperm(self.num_data, generator=_seeded_generator(self.config.seed, 0, epoch))
+        """
+        The shuffled order of epoch ``epoch``: a generator seeded by (seed, epoch), so resume repeats it. Process
+        ``r`` of ``P`` takes ``order[r::P]``, padded to ``ceil(N / P)`` examples by wrapping around
+        (:class:`~torch.utils.data.DistributedSampler` over the order), so that when ``P`` divides ``M`` and ``M``
+        divides ``N`` the ``k``-th steps of all processes together see the ``k``-th minibatch of one process.
+        """
+        order = torch.randperm(self.num_data, generator=_seeded_generator(self.config.seed, 0, epoch))
+        if self.world.distributed:
+            from torch.utils.data import DistributedSampler
+
+            shard = DistributedSampler(
+                range(self.num_data), num_replicas=self.world.size, rank=self.world.rank, shuffle=False
+            )
+            order = order[list(shard)]
+        return order
 
     def posterior_figures(self) -> dict:
         theta, log_alpha = _posterior(self.guide)
@@ -700,11 +972,12 @@ class _Session:
 
 
 def _train_epoch(session: _Session, epoch: int, step: int, bar, callback, sparsity: float) -> tuple[int, dict]:
-    """One pass over the shuffled training data; returns the global step and the epoch's training metrics."""
-    config = session.config
+    """One pass over (this process's share of) the shuffled training data; returns the global step and the epoch's
+    training metrics, reduced over the processes."""
+    config, world = session.config, session.world
     order = session.epoch_order(epoch).to(session.device)
     losses, log_liks, correct, seen, beta = [], [], 0, 0, 1.0
-    for s in _batches(session.num_data, config.batch_size):
+    for s in _batches(len(order), session.batch_size):
         x, y = session.x_train[order[s]], session.y_train[order[s]]
         beta = kl_weight(config, step / session.steps_per_epoch)
         session.guide.kl_scale = session.kl_scale * beta
@@ -721,17 +994,21 @@ def _train_epoch(session: _Session, epoch: int, step: int, bar, callback, sparsi
         correct += int((session.recorder.logits.argmax(-1) == y).sum())
         seen += y.shape[0]
         bar.update(1)
-        if bar.n % 10 == 0 or s.stop == session.num_data:
+        if bar.n % 10 == 0 or s.stop == len(order):
             postfix = {"epoch": epoch + 1, "loss": f"{loss / session.num_data:.3f}", "acc": f"{correct / seen:.3f}"}
             bar.set_postfix(postfix | {"sparsity": f"{sparsity:.3f}"}, refresh=False)
         if callback is not None:
-            callback({"epoch": epoch, "step": step, "loss": loss})
+            callback({"epoch": epoch, "step": step, "loss": loss, "rank": world.rank})
     kl = session.kl()
-    expected_log_lik = float(np.mean(log_liks))
+    # the epoch's figures over all processes: each step's loss of the global batch is the mean of the processes'
+    loss_sum, log_lik_sum, num_losses, correct, seen = _sum_over_processes(
+        world, [math.fsum(losses), math.fsum(log_liks), len(losses), correct, seen], session.device
+    )
+    expected_log_lik = log_lik_sum / num_losses
     row = {
         "epoch": epoch + 1,
         "step": step,
-        "loss": float(np.mean(losses)),
+        "loss": loss_sum / num_losses,
         "elbo": expected_log_lik - kl,
         "expected_log_lik": expected_log_lik,
         "kl": kl,
@@ -759,6 +1036,42 @@ def _check_out(out: Path, *, resume: bool, overwrite: bool) -> list[str]:
             "to replace it, or choose another --out"
         )
     return existing
+
+
+def _prepare(
+    config: TrainConfig | None, out: Path, *, resume: bool, overwrite: bool, overrides: dict | None, world: _World
+) -> tuple[TrainConfig, dict | None, list[str]]:
+    """
+    Checks the options and ``out`` for :func:`fit` without touching ``out``; returns the configuration, the
+    checkpoint to resume from (or None) and the run files that ``overwrite`` replaces.
+    """
+    replaced = _check_out(out, resume=resume, overwrite=overwrite)
+    state = None
+    if resume:
+        path = out / CHECKPOINT_FILE
+        state = load_checkpoint(path, map_location="cpu")
+        try:
+            saved = TrainConfig.from_dict(state["config"])
+        except (TypeError, ValueError) as e:
+            raise RunError(f"{path}: its configuration is invalid: {e}") from e
+        config = _check_resume_config(saved, overrides or {}, out)
+        nproc = state.get("world_size", 1)
+        if nproc != world.size:
+            raise RunError(
+                f"{path} was written by a run in {nproc} process(es), and this one has {world.size}: resume it with "
+                f"--nproc {nproc} (torchrun: {nproc} processes in all), since its checkpoint continues the random "
+                "number generators of each process"
+            )
+    _check_batch_size(config.batch_size, world.size)
+    return config, state, replaced
+
+
+def _check_batch_size(batch_size: int, nproc: int) -> None:
+    if batch_size % nproc:
+        raise RunError(
+            f"--batch-size {batch_size} is the global minibatch, which the {nproc} processes (--nproc {nproc}) share "
+            f"equally: choose a --batch-size divisible by {nproc}"
+        )
 
 
 def _check_resume_config(saved: TrainConfig, given: dict, path: Path) -> TrainConfig:
@@ -804,13 +1117,34 @@ def fit(
     The data are shuffled with a generator seeded by ``(seed, epoch)``, and checkpoints hold every random number
     generator, so ``resume=True`` continues an interrupted run exactly where its last checkpoint left off.
 
+    **Several processes.** When the default :mod:`torch.distributed` process group holds :math:`P > 1` processes
+    (``torchrun``, :func:`process_group`, :func:`launch`, ``pyro-vdrop fit --nproc P``), every process calls
+    ``fit`` with the same arguments and they train with the semantics of
+    :class:`~torch.nn.parallel.DistributedDataParallel`. ``config.batch_size`` stays the global minibatch :math:`M`
+    (it must be divisible by :math:`P`); process :math:`r` takes :math:`M/P` examples of its shard of the epoch's
+    order (see ``epoch_order``), so its plate scales its data term by :math:`N/(M/P)` and its loss is
+
+    .. math::
+
+        \mathcal L_r = \frac{N}{M/P}\sum_{i\in B_r}\log p(y_i|x_i,w) - \beta\,\mathrm{KL}.
+
+    :class:`~pyro_vdrop.optim.DistributedOptimizer` averages the gradients over the processes, and
+    :math:`\frac1P\sum_r \nabla\mathcal L_r = \nabla\big(\frac NM \sum_{i\in B}\log p(y_i|x_i,w) -
+    \beta\,\mathrm{KL}\big)`, the gradient of the global minibatch :math:`B = \bigcup_r B_r`. Every process
+    builds the same initialisation (same seed; pretraining runs in each), takes process 0's parameters (as DDP
+    does), then draws its noise from its own seed ``(seed, rank)``. The epoch's loss, log-likelihood and training
+    accuracy are reduced over the processes; process 0 alone checks and writes ``out`` (checkpoints hold every
+    process's random number generators, so a run resumes exactly with the same number of processes, and with no
+    other) and computes the test figures, while the others wait. Every process returns the same summary.
+
     :param TrainConfig config: The configuration; with ``resume=True`` pass None to take the run's own.
     :param out: The run directory.
     :param bool resume: Continue the run in ``out`` from its checkpoint.
     :param bool overwrite: Replace a run already in ``out`` (only the run's own files are removed).
     :param bool progress: Show a tqdm progress bar (on stderr).
-    :param callable callback: Called after every step with a dict (``epoch``, ``step``, ``loss``); it may raise to
-        stop training (the last checkpoint stays valid).
+    :param callable callback: Called after every step with a dict (``epoch``, ``step``, ``loss``, and ``rank``:
+        the process); it may raise to stop training (the last checkpoint stays valid). In several processes it is
+        called in each, with that process's loss.
     :param bool validate: Keep Pyro's argument validation on during the training steps; off by default
         (``pyro.validation_enabled(False)``, restored afterwards) because it costs a third of a step.
     :param str command: The command line to record in ``config.json``.
@@ -822,42 +1156,46 @@ def fit(
     """
     from tqdm.auto import tqdm
 
-    out = Path(out)
-    replaced = _check_out(out, resume=resume, overwrite=overwrite)
-    state = None
-    if resume:
-        state = load_checkpoint(out / CHECKPOINT_FILE, map_location="cpu")
-        try:
-            saved = TrainConfig.from_dict(state["config"])
-        except (TypeError, ValueError) as e:
-            raise RunError(f"{out / CHECKPOINT_FILE}: its configuration is invalid: {e}") from e
-        config = _check_resume_config(saved, overrides or {}, out)
-    elif config is None:
+    if config is None and not resume:
         raise ValueError("config is required unless resume=True")
-    device = select_device(config.device)
-    session = _Session(config, device=device, restoring=state is not None)
+    world = _world()
+    out = Path(out)
+    # process 0 alone checks the options, the directory and the checkpoint, before any process touches out
+    config, state, replaced = _from_rank0(
+        world, lambda: _prepare(config, out, resume=resume, overwrite=overwrite, overrides=overrides, world=world)
+    )
+    device = _process_device(select_device(config.device), world)
+    session = _Session(config, device=device, restoring=state is not None, world=world)
     history, elapsed, start_epoch, step = [], session.pretrain_time, 0, 0
     if state is not None:
         session.restore(state, path=out / CHECKPOINT_FILE)
         history, elapsed, start_epoch, step = state["history"], state["elapsed"], state["epoch"], state["step"]
-    else:  # only now, with the options and the data known to be good, touch the directory
+    elif world.rank == 0:  # only now, with the options and the data known to be good, touch the directory
         out.mkdir(parents=True, exist_ok=True)
         for name in replaced:
             (out / name).unlink()
-        record = {"config": config.to_dict(), "command": command, "environment": environment()}
+        record = {"config": config.to_dict(), "command": command, "nproc": world.size, "environment": environment()}
         _write_json(out / CONFIG_FILE, record)
-    if state is not None:
-        _set_rng_state(state["rng"])  # last: building the session above consumed random numbers
+    if state is not None:  # last: building the session above consumed random numbers
+        _set_rng_state(state["rng"][world.rank] if world.distributed else state["rng"])
 
     bar = tqdm(
-        total=session.total_steps, initial=step, disable=not progress, desc="fit", unit="step", dynamic_ncols=True
+        total=session.total_steps,
+        initial=step,
+        disable=not progress or world.rank != 0,
+        desc="fit",
+        unit="step",
+        dynamic_ncols=True,
     )
     with bar, pyro.validation_enabled(validate):
         for epoch in range(start_epoch, config.epochs):
             t0 = time.perf_counter()
             step, row = _train_epoch(session, epoch, step, bar, callback, history[-1]["sparsity"] if history else 0.0)
-            figures = session.posterior_figures()
-            epoch_time = time.perf_counter() - t0
+
+            def test_figures(t0=t0):
+                return session.posterior_figures(), time.perf_counter() - t0
+
+            figures, epoch_time = _from_rank0(world, test_figures)  # process 0's figures and epoch time
             elapsed += epoch_time
             row.update(
                 test_error=figures["test_error"],
@@ -869,8 +1207,9 @@ def fit(
             )
             history.append({key: row[key] for key in METRIC_KEYS})
             state = session.state(epoch=epoch + 1, step=step, history=history, elapsed=elapsed)
-            save_checkpoint(out / CHECKPOINT_FILE, state)
-            write_metrics(out, history)
+            if world.rank == 0:
+                save_checkpoint(out / CHECKPOINT_FILE, state)
+                write_metrics(out, history)
 
     last = history[-1]
     stats = sparsity_stats(session.guide)
@@ -891,8 +1230,12 @@ def fit(
         "kept": stats["kept"],
         "elbo": last["elbo"],
         "time": last["time"],
+        "nproc": world.size,
     }
-    _write_json(out / SUMMARY_FILE, summary)
+    if world.rank == 0:
+        _write_json(out / SUMMARY_FILE, summary)
+    if world.distributed:
+        dist.barrier()  # the run directory is complete when fit returns in any process
     return summary
 
 
@@ -1122,6 +1465,7 @@ def write_report(run_dir: str | os.PathLike, *, max_units: int = 100, threshold:
 
 __all__ = [
     "DEVICES",
+    "DISTRIBUTED_TIMEOUT",
     "ESTIMATORS",
     "GUIDES",
     "METRIC_KEYS",
@@ -1137,11 +1481,13 @@ __all__ = [
     "evaluate",
     "fit",
     "kl_weight",
+    "launch",
     "load_checkpoint",
     "load_data",
     "open_run",
     "predict_logits",
     "predictive_probs",
+    "process_group",
     "pruned_params",
     "read_metrics",
     "save_checkpoint",

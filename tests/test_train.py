@@ -165,6 +165,18 @@ def test_objective_is_scaled_data_term_minus_weighted_kl(guide, estimator):
     assert loss == pytest.approx(-data + beta * base * kl, rel=1e-5)
 
 
+def test_mean_estimator_uses_the_posterior_means():
+    # the noise-free diagnostic: the data term sees θ itself; with the LRT the same step sees noisy pre-activations
+    session = _Session(tiny(estimator="mean"), device=torch.device("cpu"))
+    x, y = session.x_train[:50], session.y_train[:50]
+    theta = {name: value.detach() for name, value in session.guide.median().items()}
+    expected = predict_logits(session.model, x, y, params=theta).log_softmax(-1)  # Categorical normalizes logits
+    for estimator, equal in (("mean", True), ("lrt", False)):
+        with estimator_handler(estimator):
+            session.svi.evaluate_loss(x, y)
+        assert torch.allclose(session.recorder.logits, expected, atol=1e-5) == equal, estimator
+
+
 def test_config_validation():
     with pytest.raises(ValueError, match="model must be one of"):
         TrainConfig(model="resnet")

@@ -1,0 +1,97 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Smoke test of the benchmark suite (``python -m benchmarks.run``): its quick mode, record schema and helpers."""
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from benchmarks import measure, run, table
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _finite_positive(value):
+    return isinstance(value, (int, float)) and math.isfinite(value) and value > 0
+
+
+def test_quick_step_suite(tmp_path):
+    variants = ["deterministic", "torch_lrt", "pyro_vdrop_lrt"]
+    code = run.main(["--quick", "--only", ",".join(["linear512"] + variants), "--out", str(tmp_path)])
+    assert code == 0
+    (path,) = tmp_path.glob("*.json")
+    assert path.name == "suite_step-cpu-quick-partial.json"
+    record = json.loads(path.read_text())
+    for key in ("command", "versions", "machine", "settings", "notes", "comparisons"):
+        assert key in record
+    assert record["command"].startswith("python -m benchmarks.run")
+    assert record["versions"]["torch"] == torch.__version__
+    for key in ("platform", "cpus", "cpu_model", "load_average", "device"):
+        assert key in record["machine"]
+    (comparison,) = record["comparisons"]
+    assert (comparison["model"], comparison["batch_size"]) == ("linear512", 32)
+    rows = {r["variant"]: r for r in comparison["results"]}
+    assert set(rows) == set(variants)
+    for row in rows.values():
+        assert "error" not in row and "memory_error" not in row
+        for key in ("median_ms", "p25_ms", "p75_ms", "ratio_to_torch_lrt", "ratio_to_deterministic"):
+            assert _finite_positive(row[key]), (row["variant"], key, row[key])
+        assert row["steps"] >= 1
+        assert row["p25_ms"] <= row["median_ms"] <= row["p75_ms"]
+        for key in ("step_peak_mib", "state_mib", "total_peak_mib"):
+            assert math.isfinite(row[key]) and row[key] >= 0
+    assert rows["torch_lrt"]["ratio_to_torch_lrt"] == 1.0
+    markdown = table.step_markdown(record)
+    assert "`pyro_vdrop_lrt`" in markdown and "Quick mode" in markdown
+
+
+def test_only_rejects_unknown_terms():
+    with pytest.raises(ValueError, match="unknown term 'lenet'"):
+        run.classify_only(["lenet"])
+    assert run.classify_only(["mlp", "torch_lrt"]) == (["step"], ["mlp"], ["torch_lrt"])
+    assert run.classify_only(["scaling"])[0] == ["scaling"]
+
+
+def test_growth_factors():
+    points = [{"x": x, "y": {"quadratic": 3.0 * x**2, "linear": 5.0 * x + 0.0}} for x in (2, 4, 8, 16)]
+    points[-1]["y"].pop("linear")  # measured over a shorter range
+    g = run.growth(points, ["quadratic", "linear"])
+    assert g["quadratic"]["factor"] == pytest.approx(64.0)
+    assert g["quadratic"]["loglog_slope"] == pytest.approx(2.0)
+    assert g["quadratic"]["common_range"] == [2, 8] and g["quadratic"]["common_factor"] == pytest.approx(16.0)
+    assert g["linear"]["range"] == [2, 8] and g["linear"]["loglog_slope"] == pytest.approx(1.0)
+
+
+_PROBE_SCRIPT = """
+import json, torch
+from benchmarks import measure
+from benchmarks.variants import Variant
+
+def build():
+    state = torch.ones(16 * 2**18)  # 16 MiB kept between steps
+
+    def step(x, y):
+        t = torch.empty(48 * 2**18).fill_(1.0)  # a 48 MiB temporary per step
+        return float(t.sum() + state[0])
+
+    return Variant("fake", step), None, None
+
+print(json.dumps(measure.probe_memory_cpu(build, warmup=1, steps=2)))
+"""
+
+
+@pytest.mark.skipif(measure.cpu_memory_supported() is not None, reason="needs Linux /proc/self/clear_refs and fork")
+def test_cpu_memory_probe_sees_a_known_allocation():
+    # in a fresh process, as in the suite's workers: forking this test process, whose OpenMP pool other tests
+    # may have started, could hang the child
+    out = subprocess.run(
+        [sys.executable, "-c", _PROBE_SCRIPT], cwd=ROOT, capture_output=True, text=True, timeout=120, check=True
+    )
+    probe = json.loads(out.stdout)
+    # the temporary, plus at most a few MiB of interpreter and allocator noise
+    assert 48 - 1 <= probe["step_peak_mib"] <= 48 + 4
+    assert 16 <= probe["state_mib"] <= 16 + 16
