@@ -40,6 +40,10 @@ class ImproperLogUniform(TorchDistribution):
     :param str kl_approx: The approximation used by the registered KL divergence
         when the guide's distribution does not choose one: ``"molchanov"`` (default)
         or ``"kingma"``; see :func:`~pyro_vdrop.distributions.log_uniform_kl`.
+    :param torch.dtype dtype: The dtype of the weights (default: torch's default dtype). The prior
+        has no tensor parameters to take it from; initialisation strategies such as
+        :func:`~pyro_vdrop.infer.init_to_fan_in` create values with it.
+    :param torch.device device: The device of the weights (default: torch's default device).
 
     **References**
 
@@ -52,14 +56,27 @@ class ImproperLogUniform(TorchDistribution):
     has_rsample = False
 
     def __init__(
-        self, batch_shape=torch.Size(), event_shape=torch.Size(), *, kl_approx="molchanov", validate_args=None
+        self,
+        batch_shape=torch.Size(),
+        event_shape=torch.Size(),
+        *,
+        kl_approx="molchanov",
+        dtype=None,
+        device=None,
+        validate_args=None,
     ):
         self.kl_approx = check_kl_approx(kl_approx)
+        if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+            raise TypeError(f"ImproperLogUniform: dtype must be a floating-point torch.dtype or None, got {dtype!r}")
+        self.dtype = dtype
+        self.device = None if device is None else torch.device(device)
         super().__init__(torch.Size(batch_shape), torch.Size(event_shape), validate_args=validate_args)
 
     def expand(self, batch_shape, _instance=None):
         new = self._get_checked_instance(ImproperLogUniform, _instance)
         new.kl_approx = self.kl_approx
+        new.dtype = self.dtype
+        new.device = self.device
         super(ImproperLogUniform, new).__init__(torch.Size(batch_shape), self.event_shape, validate_args=False)
         new._validate_args = self._validate_args
         return new

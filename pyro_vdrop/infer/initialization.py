@@ -15,10 +15,10 @@ from pyro.infer.autoguide.initialization import init_to_median
 from pyro_vdrop.distributions import ImproperLogUniform
 
 
-def _is_log_uniform(fn):
+def _log_uniform_base(fn):
     while hasattr(fn, "base_dist"):
         fn = fn.base_dist
-    return isinstance(fn, ImproperLogUniform)
+    return fn if isinstance(fn, ImproperLogUniform) else None
 
 
 def init_to_fan_in(site=None, *, fallback=init_to_median):
@@ -27,7 +27,9 @@ def init_to_fan_in(site=None, *, fallback=init_to_median):
     layer: uniformly on :math:`[-1/\sqrt{\text{fan\_in}}, 1/\sqrt{\text{fan\_in}}]`, with
     ``fan_in`` the product of all but the first dimension of the site's shape (the
     ``in_features``, or ``in_channels/groups × kernel`` of a convolution weight), and
-    never exactly 0. Other sites are passed to ``fallback``.
+    never exactly 0, with the prior's ``dtype`` and ``device`` (torch's defaults when the prior
+    has none; :func:`~pyro_vdrop.nn.bayesianize` sets them from the layer). Other sites are
+    passed to ``fallback``.
 
     Use it with any Pyro autoguide::
 
@@ -38,12 +40,14 @@ def init_to_fan_in(site=None, *, fallback=init_to_median):
     """
     if site is None:
         return lambda site: init_to_fan_in(site, fallback=fallback)
-    if not _is_log_uniform(site["fn"]):
+    prior = _log_uniform_base(site["fn"])
+    if prior is None:
         return fallback(site)
     shape = site["fn"].shape()
     fan_in = math.prod(shape[1:]) if len(shape) > 1 else 1
     bound = 1.0 / math.sqrt(max(fan_in, 1))
-    value = torch.empty(shape).uniform_(-bound, bound)
+    # the prior's dtype and device (set by bayesianize from the layer); torch's defaults when it has none
+    value = torch.empty(shape, dtype=prior.dtype, device=prior.device).uniform_(-bound, bound)
     # keep |w| away from 0, where the log-uniform density is infinite
     tiny = bound * 1e-3
     value = torch.where(value.abs() < tiny, torch.full_like(value, tiny), value)

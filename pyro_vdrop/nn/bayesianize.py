@@ -27,7 +27,7 @@ Prior = TorchDistribution | Callable[[str, torch.Tensor], TorchDistribution]
 
 def _site_prior(prior, name: str, value: torch.Tensor):
     if prior is None:
-        prior = ImproperLogUniform()
+        prior = ImproperLogUniform(dtype=value.dtype, device=value.device)
     if isinstance(prior, torch.distributions.Distribution):
         if prior.batch_shape or prior.event_shape:
             raise ValueError(
