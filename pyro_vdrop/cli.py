@@ -33,9 +33,9 @@ from pyro_vdrop.train import (
     LR_DECAYS,
     MODELS,
     PRUNE_THRESHOLD,
+    Rank0Error,
     RunError,
     TrainConfig,
-    _Rank0Error,
 )
 
 _DEFAULTS = TrainConfig()
@@ -251,7 +251,7 @@ def _fit(args, argv) -> None:
     if torchrun and args.nproc is not None:
         raise RunError("--nproc starts its own processes: under torchrun leave it out (--nproc_per_node sets them)")
     if config is not None:
-        train._check_batch_size(config.batch_size, nproc)  # before starting processes
+        train.check_batch_size(config.batch_size, nproc)  # before starting processes
     out = args.out
     if out is None:
         out = Path("runs") / f"{config.model}-{config.guide}-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -343,7 +343,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             _report(args)
     except RunError as e:
-        if not isinstance(e, _Rank0Error):  # else process 0 of a torchrun run reports it
+        if not isinstance(e, Rank0Error):  # else process 0 of a torchrun run reports it
             print(f"pyro-vdrop {args.command}: error: {e}", file=sys.stderr)
         return _EXIT_ERROR
     except KeyboardInterrupt:

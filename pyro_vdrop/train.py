@@ -625,7 +625,7 @@ def _world() -> _World:
     return _World(rank=rank, size=dist.get_world_size(), local_rank=int(os.environ.get("LOCAL_RANK", rank)))
 
 
-class _Rank0Error(RunError):
+class Rank0Error(RunError):
     """Process 0's :class:`RunError`, raised again in the other processes, which leave reporting it to process 0."""
 
 
@@ -644,7 +644,7 @@ def _from_rank0(world: _World, fn: Callable[[], Any]) -> Any:
         raise error
     ok, value = outcome[0]
     if not ok:
-        raise _Rank0Error(value)
+        raise Rank0Error(value)
     return value
 
 
@@ -1062,11 +1062,12 @@ def _prepare(
                 f"--nproc {nproc} (torchrun: {nproc} processes in all), since its checkpoint continues the random "
                 "number generators of each process"
             )
-    _check_batch_size(config.batch_size, world.size)
+    check_batch_size(config.batch_size, world.size)
     return config, state, replaced
 
 
-def _check_batch_size(batch_size: int, nproc: int) -> None:
+def check_batch_size(batch_size: int, nproc: int) -> None:
+    """Raises a :class:`RunError` unless the global ``batch_size`` splits equally over ``nproc`` processes."""
     if batch_size % nproc:
         raise RunError(
             f"--batch-size {batch_size} is the global minibatch, which the {nproc} processes (--nproc {nproc}) share "
