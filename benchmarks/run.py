@@ -56,7 +56,7 @@ QUICK_SCANS = {
     "batch": {"fixed": {"width": 128}, "values": (16, 64), "per_example_max": 16},
     "width": {"fixed": {"batch_size": 16}, "values": (64, 128), "per_example_max": 64},
 }
-TIMING = {"warmup": 2, "rounds": 5, "target_s": 1.0, "max_steps_per_round": 20}
+TIMING = {"warmup": 3, "rounds": 8, "target_s": 2.5, "max_steps_per_round": 40}
 QUICK_TIMING = {"warmup": 1, "rounds": 2, "target_s": 0.0, "max_steps_per_round": 1}
 MEMORY = {"warmup": 1, "steps": 2}
 QUICK_MEMORY = {"warmup": 1, "steps": 1}
@@ -64,8 +64,9 @@ QUICK_MEMORY = {"warmup": 1, "steps": 1}
 NOTES = [
     "Pyro validation is off (pyro.enable_validation(False)) in every Pyro-based variant, ours and TyXe's.",
     "Inputs are random MNIST-shaped minibatches (step times do not depend on the values); N = 60,000.",
-    "torch_lrt: same maths and Molchanov KL as pyro-vdrop, but log alpha is not capped at 0 (the default "
-    "AutoVariationalDropout caps it) and it uses one torch.optim.Adam (pyro.optim.Adam keeps one per parameter).",
+    "torch_lrt: the same maths as pyro-vdrop's default: Molchanov KL, log alpha capped at 0 (a plain clamp), "
+    "one torch.optim.Adam. pyro_vdrop_lrt trains with pyro_vdrop.optim.JointOptim(torch.optim.Adam) (one torch "
+    "optimizer; pyro.optim.Adam keeps one per parameter, about 1 ms more per MLP step: benchmarks/step_time.py).",
     "bayesian-torch: N(0, 1) prior, N(mu, softplus(rho)^2) posterior, Bayesian biases, KL = mean over weights / "
     "batch size (not the ELBO's sum); it has no LRT layer: its Reparameterization layers draw one weight sample "
     "per minibatch.",

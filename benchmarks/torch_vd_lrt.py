@@ -10,7 +10,9 @@ Same maths as ``pyro_vdrop`` with ``VariationalDropoutNormal(theta, log_alpha)``
     loss  = -(N / M) sum_m log p(y_m | out_m) + sum_ij KL_molchanov(log alpha_ij)
 
 where ``op`` is ``F.linear`` or ``F.conv2d`` and zeta is standard normal noise, independent per example and
-output element. Unlike ``AutoVariationalDropout``'s default, log alpha is not capped at 0.
+output element. As in ``AutoVariationalDropout``'s default, log alpha is capped at ``max_log_alpha=0.0``
+(``log_alpha.clamp(max=0)`` in the variance and the KL); ``max_log_alpha=None`` drops the cap (for comparison
+with ``AutoVariationalDropout(model, max_log_alpha=None)``).
 
 Kingma, Salimans, Welling. "Variational Dropout and the Local Reparameterization Trick." NeurIPS 2015.
 """
@@ -24,6 +26,13 @@ from torch import nn
 from pyro_vdrop.distributions import log_uniform_kl
 
 
+def _capped(layer):
+    """The layer's log alpha, capped at ``layer.max_log_alpha`` (unless None)."""
+    if layer.max_log_alpha is None:
+        return layer.log_alpha
+    return layer.log_alpha.clamp(max=layer.max_log_alpha)
+
+
 def _lrt_sample(gamma, delta):
     # tiny keeps the gradient of sqrt finite where an example's inputs are all zero
     return gamma + (delta + torch.finfo(delta.dtype).tiny).sqrt() * torch.randn_like(gamma)
@@ -32,21 +41,25 @@ def _lrt_sample(gamma, delta):
 class VDLinearLRT(nn.Module):
     """A linear layer with q(w) = N(theta, alpha theta^2) per weight, sampled by LRT."""
 
-    def __init__(self, in_features, out_features, *, log_alpha_init=-3.0, bias=True, device=None, dtype=None):
+    def __init__(
+        self, in_features, out_features, *, log_alpha_init=-3.0, max_log_alpha=0.0, bias=True, device=None, dtype=None
+    ):
         super().__init__()
+        self.max_log_alpha = max_log_alpha
         kw = {"device": device, "dtype": dtype}
         self.theta = nn.Parameter(torch.randn(out_features, in_features, **kw) / in_features**0.5)
         self.log_alpha = nn.Parameter(torch.full((out_features, in_features), log_alpha_init, **kw))
         self.bias = nn.Parameter(torch.zeros(out_features, **kw)) if bias else None
 
     @classmethod
-    def from_linear(cls, layer, *, log_alpha_init=-3.0):
+    def from_linear(cls, layer, *, log_alpha_init=-3.0, max_log_alpha=0.0):
         """The LRT layer of an ``nn.Linear``, with theta and the bias copied from it."""
         w = layer.weight
         new = cls(
             w.shape[1],
             w.shape[0],
             log_alpha_init=log_alpha_init,
+            max_log_alpha=max_log_alpha,
             bias=layer.bias is not None,
             device=w.device,
             dtype=w.dtype,
@@ -58,11 +71,11 @@ class VDLinearLRT(nn.Module):
         return new
 
     def forward(self, x):
-        var = self.log_alpha.exp() * self.theta * self.theta
+        var = _capped(self).exp() * self.theta * self.theta
         return _lrt_sample(F.linear(x, self.theta, self.bias), F.linear(x * x, var))
 
     def kl(self):
-        return log_uniform_kl(self.log_alpha, "molchanov").sum()
+        return log_uniform_kl(_capped(self), "molchanov").sum()
 
 
 class VDConv2dLRT(nn.Module):
@@ -72,8 +85,9 @@ class VDConv2dLRT(nn.Module):
     Made from an ``nn.Conv2d``, whose options, weight (theta) and bias it takes.
     """
 
-    def __init__(self, conv, *, log_alpha_init=-3.0):
+    def __init__(self, conv, *, log_alpha_init=-3.0, max_log_alpha=0.0):
         super().__init__()
+        self.max_log_alpha = max_log_alpha
         if not isinstance(conv, nn.Conv2d) or conv.padding_mode != "zeros":
             raise TypeError(f"conv must be an nn.Conv2d with padding_mode='zeros', got {conv!r}")
         w = conv.weight
@@ -88,12 +102,12 @@ class VDConv2dLRT(nn.Module):
         }
 
     def forward(self, x):
-        var = self.log_alpha.exp() * self.theta * self.theta
+        var = _capped(self).exp() * self.theta * self.theta
         gamma = F.conv2d(x, self.theta, self.bias, **self.options)
         return _lrt_sample(gamma, F.conv2d(x * x, var, None, **self.options))
 
     def kl(self):
-        return log_uniform_kl(self.log_alpha, "molchanov").sum()
+        return log_uniform_kl(_capped(self), "molchanov").sum()
 
 
 class VDNet(nn.Module):
@@ -102,15 +116,15 @@ class VDNet(nn.Module):
     biases copied from the network); other modules are kept as they are.
     """
 
-    def __init__(self, net, *, log_alpha_init=-3.0):
+    def __init__(self, net, *, log_alpha_init=-3.0, max_log_alpha=0.0):
         super().__init__()
         self.net = copy.deepcopy(net)
         for name, module in list(self.net.named_modules()):
             if type(module) in (nn.Linear, nn.Conv2d):
                 new = (
-                    VDLinearLRT.from_linear(module, log_alpha_init=log_alpha_init)
+                    VDLinearLRT.from_linear(module, log_alpha_init=log_alpha_init, max_log_alpha=max_log_alpha)
                     if isinstance(module, nn.Linear)
-                    else VDConv2dLRT(module, log_alpha_init=log_alpha_init)
+                    else VDConv2dLRT(module, log_alpha_init=log_alpha_init, max_log_alpha=max_log_alpha)
                 )
                 parent, _, attr = name.rpartition(".")
                 setattr(self.net.get_submodule(parent) if parent else self.net, attr, new)
@@ -130,9 +144,11 @@ class VDNet(nn.Module):
 class VDMLP(nn.Module):
     """The MNIST MLP (e.g. 784-300-100-10) with VD-LRT layers and ReLU."""
 
-    def __init__(self, sizes):
+    def __init__(self, sizes, *, max_log_alpha=0.0):
         super().__init__()
-        self.layers = nn.ModuleList(VDLinearLRT(a, b) for a, b in zip(sizes[:-1], sizes[1:]))
+        self.layers = nn.ModuleList(
+            VDLinearLRT(a, b, max_log_alpha=max_log_alpha) for a, b in zip(sizes[:-1], sizes[1:])
+        )
 
     def forward(self, x):
         for i, layer in enumerate(self.layers):

@@ -25,9 +25,10 @@ from .torch_vd_lrt import VDNet
 #: variant -> what it runs (ours and the references; the peers' are in benchmarks/peers).
 OWN_VARIANTS = {
     "deterministic": "the plain torch net, F.cross_entropy, torch.optim.Adam",
-    "torch_lrt": "hand-written plain-torch VD-LRT (benchmarks/torch_vd_lrt.py), same maths and KL, torch.optim.Adam",
-    "pyro_vdrop_lrt": "bayesianize + AutoVariationalDropout + SVI(pyro.optim.Adam, TraceMeanField_ELBO) "
-    'under local_reparam(estimator="lrt")',
+    "torch_lrt": "hand-written plain-torch VD-LRT (benchmarks/torch_vd_lrt.py), same maths and KL (log alpha "
+    "capped at 0), torch.optim.Adam",
+    "pyro_vdrop_lrt": "bayesianize + AutoVariationalDropout + SVI(JointOptim(torch.optim.Adam), "
+    'TraceMeanField_ELBO) under local_reparam(estimator="lrt")',
     "pyro_vdrop_flipout": 'the same under local_reparam(estimator="flipout")',
     "pyro_weight_sample": "the same model and guide without the handler: one weight sample per minibatch",
     "pyro_vdrop_per_example": 'the same under local_reparam(estimator="per-example"): a weight sample per example',
@@ -77,7 +78,8 @@ def _pyro_vdrop(net, estimator, lr):
     # the user code of README.md ("From a torch network", "The local reparameterization trick")
     model = pyro_vdrop.nn.bayesianize(net, num_data=NUM_DATA)
     guide = pyro_vdrop.infer.AutoVariationalDropout(model)
-    svi = SVI(model, guide, pyro.optim.Adam({"lr": lr}), TraceMeanField_ELBO())
+    optim = pyro_vdrop.optim.JointOptim(torch.optim.Adam, {"lr": lr})
+    svi = SVI(model, guide, optim, TraceMeanField_ELBO())
     if estimator is None:
         return svi.step
 

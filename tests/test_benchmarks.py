@@ -95,3 +95,46 @@ def test_cpu_memory_probe_sees_a_known_allocation():
     # the temporary, plus at most a few MiB of interpreter and allocator noise
     assert 48 - 1 <= probe["step_peak_mib"] <= 48 + 4
     assert 16 <= probe["state_mib"] <= 16 + 16
+
+
+def test_torch_reference_has_the_guides_maths():
+    # benchmarks/torch_vd_lrt.py is the reference of the step-time ratios: the same KL (log α capped at 0, as
+    # AutoVariationalDropout's default) and the same LRT output moments as pyro-vdrop.
+    import pyro
+    from torch.distributions import kl_divergence
+
+    import pyro_vdrop
+    from benchmarks.torch_vd_lrt import VDLinearLRT
+
+    torch.manual_seed(0)
+    layer = VDLinearLRT(5, 3)
+    with torch.no_grad():
+        layer.log_alpha.copy_(torch.linspace(-6.0, 3.0, 15).reshape(3, 5))  # some entries above the cap
+    pyro.clear_param_store()
+    model = pyro_vdrop.nn.bayesianize(torch.nn.Linear(5, 3), num_data=10)
+    guide = pyro_vdrop.infer.AutoVariationalDropout(model)
+    x = torch.randn(2, 5)
+    guide(x, torch.tensor([0, 2]))
+    with torch.no_grad():
+        guide.locs.weight.copy_(layer.theta)
+        guide.log_alphas.weight.copy_(layer.log_alpha)
+    q = guide._get_posterior("weight")
+    p = pyro_vdrop.distributions.ImproperLogUniform().expand([3, 5]).to_event(2)
+    assert torch.allclose(layer.kl(), kl_divergence(q, p), rtol=1e-6)
+    assert not torch.allclose(VDLinearLRT.kl(_uncapped(layer)), layer.kl())  # the cap matters here
+
+    # LRT moments of the reference's output against the closed form with the capped variance (20,000 draws)
+    with torch.no_grad():
+        draws = torch.stack([layer(x) for _ in range(20000)])
+    mean = torch.nn.functional.linear(x, layer.theta, layer.bias)
+    var = torch.nn.functional.linear(x * x, q.base_dist.variance.detach())
+    assert torch.allclose(draws.mean(0), mean, atol=4 * (var / 20000).sqrt().max().item())
+    assert torch.allclose(draws.var(0), var, rtol=0.05)
+
+
+def _uncapped(layer):
+    import copy
+
+    other = copy.deepcopy(layer)
+    other.max_log_alpha = None
+    return other

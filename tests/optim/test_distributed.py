@@ -8,7 +8,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from pyro_vdrop.optim import DistributedOptimizer
+from pyro_vdrop.optim import DistributedOptimizer, JointOptim
 
 WORLD_SIZE = 2
 LR = 0.5
@@ -99,6 +99,11 @@ def _worker(rank, port, out):
         _set_grads(params, rank)
         resumed(params.values())
         results["resumed"] = {name: p.detach().clone() for name, p in params.items()}
+
+        # 3. wrapping JointOptim (one torch optimizer for all parameters)
+        params = _fresh_params(rank)
+        DistributedOptimizer(JointOptim(torch.optim.SGD, {"lr": LR}))(params.values())
+        results["joint"] = {name: p.detach().clone() for name, p in params.items()}
         torch.save(results, out / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()
@@ -124,6 +129,14 @@ def test_gradients_are_averaged_over_processes(two_process_results):
             assert torch.allclose(value, _initial(name) - LR * mean, rtol=1e-6, atol=1e-7), (rank, name)
     # the processes' own gradients differed, so equal results are the averaging's doing
     assert not torch.allclose(_grads(0)["a"], _grads(1)["a"])
+
+
+def test_wraps_joint_optim(two_process_results):
+    for rank, results in enumerate(two_process_results):
+        for name, value in results["joint"].items():
+            mean = _mean_grad(name)
+            expected = _initial(name) if mean is None else _initial(name) - LR * mean
+            assert torch.allclose(value, expected, rtol=1e-6, atol=1e-7), (rank, name)
 
 
 def test_schedule_steps_and_state_round_trip(two_process_results):
