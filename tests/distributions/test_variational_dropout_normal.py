@@ -150,3 +150,22 @@ def test_variance_is_computed_directly_and_lazily(parameterization):
     e = d.expand(torch.Size([3, 2, 2]))
     assert e.variance.shape == e.scale.shape == (3, 2, 2)
     assert torch.allclose(e.variance, expected.expand(3, 2, 2))
+
+
+@pytest.mark.parametrize("log_alpha_shape", [(3, 4), (3, 1), ()])
+def test_variance_gradients(log_alpha_shape):
+    # the fused variance node against finite differences, first and second order, with a broadcast log α
+    torch.manual_seed(0)
+    loc = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
+    log_alpha = torch.randn(log_alpha_shape, dtype=torch.float64, requires_grad=True)
+
+    def variance(loc, log_alpha):
+        return VariationalDropoutNormal(loc, log_alpha).variance
+
+    assert torch.autograd.gradcheck(variance, (loc, log_alpha))
+    assert torch.autograd.gradgradcheck(variance, (loc, log_alpha))
+    # and equal to autograd of the formula
+    expected = torch.autograd.grad((log_alpha.exp() * loc * loc).pow(2).sum(), (loc, log_alpha))
+    actual = torch.autograd.grad(variance(loc, log_alpha).pow(2).sum(), (loc, log_alpha))
+    for a, e in zip(actual, expected):
+        torch.testing.assert_close(a, e)
