@@ -62,6 +62,7 @@ from pyro_vdrop.datasets import load_embedded_mnist  # noqa: E402
 from pyro_vdrop.infer import AutoVariationalDropout  # noqa: E402
 from pyro_vdrop.infer.gradient_variance import GRADIENT_ESTIMATORS, gradient_variance  # noqa: E402
 from pyro_vdrop.nn import bayesianize, mnist_mlp  # noqa: E402
+from pyro_vdrop.optim import JointOptim  # noqa: E402
 from pyro_vdrop.poutine import local_reparam  # noqa: E402
 
 SMOKE = os.environ.get("PYRO_VDROP_SMOKE") == "1"
@@ -140,7 +141,8 @@ def measure():
 # %%
 variance_at_init = measure()
 
-svi = SVI(model, guide, pyro.optim.Adam({"lr": 1e-3}), TraceMeanField_ELBO())
+# JointOptim: one torch Adam for all parameters (pyro.optim.Adam keeps one per parameter); the same updates, faster
+svi = SVI(model, guide, JointOptim(torch.optim.Adam, {"lr": 1e-3}), TraceMeanField_ELBO())
 with local_reparam():
     for _ in range(TRAIN_EPOCHS):
         for x, y in minibatches(count=num_train // BATCH_SIZE):
