@@ -439,8 +439,9 @@ def save_checkpoint(path: str | os.PathLike, state: dict) -> None:
 
     A training checkpoint holds ``version``, ``config``, ``epoch`` (completed epochs), ``step``, ``param_store``
     (:meth:`~pyro.params.param_store.ParamStoreDict.get_state`: the model's and the guide's parameters),
-    ``optim`` (:meth:`~pyro.optim.PyroOptim.get_state`:
-    Adam's moments and the learning-rate schedule), ``rng`` (torch, CUDA, numpy and python states; with several
+    ``optim`` (:meth:`~pyro_vdrop.optim.JointLRScheduler.get_state`, the format of
+    :meth:`~pyro.optim.PyroOptim.get_state` for ``pyro.optim.LambdaLR``: Adam's moments and the learning-rate
+    schedule), ``rng`` (torch, CUDA, numpy and python states; with several
     processes a list of them, one per rank), ``world_size`` (the number of processes; absent means 1), ``history``
     (the metric rows) and ``elapsed`` (training seconds).
     """
@@ -849,12 +850,16 @@ class _Session:
         self.guide(self.x_train[: self.batch_size], self.y_train[: self.batch_size])
         self.kl_scale = self.guide.kl_scale  # the variant's own KL factor (A2: 1/3); warm-up multiplies it
         self.recorder = _ObservedLogits()
-        self.optim = pyro.optim.LambdaLR(
+        from pyro_vdrop.optim import JointLRScheduler
+
+        # one torch Adam and one LambdaLR for all parameters; the checkpoint format is pyro.optim.LambdaLR's
+        self.optim = JointLRScheduler(
+            torch.optim.lr_scheduler.LambdaLR,
             {
                 "optimizer": torch.optim.Adam,
                 "optim_args": {"lr": config.lr},
                 "lr_lambda": _LinearDecay(self.total_steps, config.lr_decay),
-            }
+            },
         )
         if world.distributed:
             from pyro_vdrop.optim import DistributedOptimizer

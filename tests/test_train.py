@@ -93,6 +93,30 @@ def test_resume_after_interrupt_matches_uninterrupted_run(tmp_path, guide, estim
     _assert_same_state(full, resumed)  # bitwise
 
 
+def test_checkpoint_of_pyro_lambda_lr_resumes_exactly(tmp_path, monkeypatch):
+    # Checkpoints written before JointLRScheduler (pyro.optim.LambdaLR: one Adam and one schedule per parameter)
+    # resume with it and end bitwise where an uninterrupted run does.
+    config = tiny(epochs=2)
+    fit(config, tmp_path / "full", progress=False)
+    made = []
+
+    def pyro_lambda_lr(ctor, args):
+        made.append(pyro.optim.PyroLRScheduler(ctor, dict(args)))
+        return made[-1]
+
+    with monkeypatch.context() as m:
+        m.setattr("pyro_vdrop.optim.JointLRScheduler", pyro_lambda_lr)
+        with pytest.raises(Interrupt):
+            fit(config, tmp_path / "cut", progress=False, callback=_interrupt_at(5))
+    assert len(made) == 1 and len(made[0].optim_objs) > 1  # the cut run had one optimizer per parameter
+    optim_state = load_checkpoint(tmp_path / "cut" / CHECKPOINT_FILE)["optim"]
+    assert all(set(entry) == {"scheduler", "optimizer"} for entry in optim_state.values())
+    fit(None, tmp_path / "cut", resume=True, progress=False)
+    _assert_same_state(
+        load_checkpoint(tmp_path / "full" / CHECKPOINT_FILE), load_checkpoint(tmp_path / "cut" / CHECKPOINT_FILE)
+    )
+
+
 def test_resume_differs_without_restored_rng(tmp_path, monkeypatch):
     # The equality above must be able to fail: without restoring the RNG, resume diverges.
     config = tiny(epochs=2)

@@ -1,10 +1,11 @@
 # SPDX-License-Identifier: Apache-2.0
 """
-Optimizers for :class:`~pyro.infer.SVI`: one torch optimizer for all parameters (:class:`JointOptim`), and
+Optimizers for :class:`~pyro.infer.SVI`: one torch optimizer (and schedule) for all
+parameters (:class:`JointOptim`, :class:`JointLRScheduler`), and
 gradient averaging across the processes of a torch.distributed run (:class:`DistributedOptimizer`).
 """
 
 from .distributed import DistributedOptimizer
-from .joint import JointOptim
+from .joint import JointLRScheduler, JointOptim
 
-__all__ = ["DistributedOptimizer", "JointOptim"]
+__all__ = ["DistributedOptimizer", "JointLRScheduler", "JointOptim"]

@@ -116,14 +116,10 @@ class JointOptim(PyroOptim):
             args = self._get_optim_args(p)
             name = store.param_name(p)
             saved = self._state_waiting_to_be_consumed.pop(name, None) if name is not None else None
+            saved = self._optimizer_part(name, saved)
             state = {}
             if saved is None:
                 hyper = dict(args)
-            elif "scheduler" in saved:
-                raise ValueError(
-                    f"JointOptim: the saved state of parameter {name!r} is a learning-rate scheduler's "
-                    "(pyro.optim.PyroLRScheduler); JointOptim takes the states of plain optimizers"
-                )
             else:
                 # torch's own load_state_dict casts the saved state to the parameter's dtype and device
                 one = self.pt_optim_constructor([p], **args)
@@ -149,12 +145,30 @@ class JointOptim(PyroOptim):
             self.optim_objs[p] = self.optimizer
             self.grad_clip[p] = self._get_grad_clip(p)
 
+    def _optimizer_part(self, name, saved):
+        """The one-parameter optimizer state dict in a parameter's saved state (``None`` if there is none)."""
+        if saved is not None and "scheduler" in saved:
+            raise ValueError(
+                f"{type(self).__name__}: the saved state of parameter {name!r} is a learning-rate scheduler's "
+                "(pyro.optim.PyroLRScheduler); use pyro_vdrop.optim.JointLRScheduler to load it"
+            )
+        return saved
+
+    @staticmethod
+    def _signature(hyper: dict) -> dict:
+        """What makes two param groups one: their hyperparameters."""
+        return {k: v for k, v in hyper.items() if k != "params"}
+
     def _join_group(self, p: torch.Tensor, hyper: dict) -> None:
         hyper = {**self.optimizer.defaults, **hyper}  # as torch fills a new group
+        signature = self._signature(hyper)
         for group in self.optimizer.param_groups:
-            if _same_hyperparameters({k: v for k, v in group.items() if k != "params"}, hyper):
+            if _same_hyperparameters(self._signature(group), signature):
                 group["params"].append(p)
                 return
+        self._new_group(p, hyper)
+
+    def _new_group(self, p: torch.Tensor, hyper: dict) -> None:
         self.optimizer.add_param_group({"params": [p], **hyper})
 
     def get_state(self) -> dict:
@@ -164,15 +178,182 @@ class JointOptim(PyroOptim):
         :meth:`set_state` whose parameters have not appeared yet.
         """
         states = dict(self._state_waiting_to_be_consumed)
+        for name, _, entry in self._param_states():
+            states[name] = entry
+        return states
+
+    def _param_states(self):
+        """(name, group index, one-parameter optimizer state dict) of every parameter still in the param store."""
         if self.optimizer is None:
-            return states
+            return
         store = pyro.get_param_store()
-        for group in self.optimizer.param_groups:
+        for index, group in enumerate(self.optimizer.param_groups):
             hyper = {k: v for k, v in group.items() if k != "params"}
             for p in group["params"]:
                 name = store.param_name(p)
                 if name is None:  # removed from the param store: nothing can ask for it again
                     continue
                 state = self.optimizer.state.get(p)
-                states[name] = {"state": {0: state} if state else {}, "param_groups": [{**hyper, "params": [0]}]}
+                yield name, index, {"state": {0: state} if state else {}, "param_groups": [{**hyper, "params": [0]}]}
+
+
+class JointLRScheduler(JointOptim):
+    r"""
+    :class:`JointOptim` with a learning-rate schedule: one torch optimizer and one
+    :mod:`torch.optim.lr_scheduler` scheduler for all parameters, where :class:`~pyro.optim.PyroLRScheduler`
+    (``pyro.optim.LambdaLR`` and friends) keeps a pair per parameter. It takes the same arguments as
+    :class:`~pyro.optim.PyroLRScheduler`, gives the same updates when every parameter appears at the first step (as
+    with :class:`~pyro.infer.SVI` and an autoguide), and its :meth:`get_state` has Pyro's per-parameter
+    ``{"scheduler": ..., "optimizer": ...}`` format, so states and checkpoints move freely between the two.
+
+    The scheduler acts on param groups: a parameter that appears after the first step joins the group of its
+    hyperparameters at the group's current learning rate (in Pyro it would start a schedule of its own); one
+    that needs a new group then raises a :class:`ValueError`.
+
+    Example::
+
+        scheduler = pyro_vdrop.optim.JointLRScheduler(
+            torch.optim.lr_scheduler.LambdaLR,
+            {"optimizer": torch.optim.Adam, "optim_args": {"lr": 1e-3}, "lr_lambda": lambda step: 0.99**step},
+        )
+        svi = SVI(model, guide, scheduler, TraceMeanField_ELBO())
+        for x, y in batches:
+            svi.step(x, y)
+            scheduler.step()
+
+    :param scheduler_constructor: A :mod:`torch.optim.lr_scheduler` class, e.g. ``LambdaLR``.
+    :param dict optim_args: ``{"optimizer": torch optimizer class, "optim_args": its keyword arguments (a dict or a
+        callable of the parameter name, as in :class:`JointOptim`), **the scheduler's keyword arguments}``.
+    :param clip_args: As in :class:`JointOptim`.
+    :param bool set_to_none: As in :class:`JointOptim`.
+    """
+
+    def __init__(
+        self,
+        scheduler_constructor: Callable,
+        optim_args: dict,
+        clip_args: dict | Callable[..., dict] | None = None,
+        *,
+        set_to_none: bool = True,
+    ):
+        if not isinstance(optim_args, dict) or "optimizer" not in optim_args or "optim_args" not in optim_args:
+            raise ValueError(
+                "JointLRScheduler: optim_args must be a dict with the keys 'optimizer' (a torch optimizer class) "
+                "and 'optim_args' (its arguments), plus the scheduler's arguments, as for pyro.optim.PyroLRScheduler"
+            )
+        if not callable(scheduler_constructor):
+            raise TypeError(
+                "JointLRScheduler: scheduler_constructor must be a torch.optim.lr_scheduler class such as LambdaLR, "
+                f"got {scheduler_constructor!r}"
+            )
+        optim_args = dict(optim_args)
+        optimizer = optim_args.pop("optimizer")
+        optimizer_args = optim_args.pop("optim_args")
+        super().__init__(optimizer, optimizer_args, clip_args, set_to_none=set_to_none)
+        self.pt_scheduler_constructor = scheduler_constructor
+        self.kwargs = optim_args
+        #: The torch scheduler of :attr:`optimizer` (``None`` until the first call).
+        self.scheduler = None
+        self._saved_schedules: list = []  # (name, scheduler state, optimizer param group) of loaded parameters
+
+    def __call__(self, params: list | ValuesView, *args, **kwargs) -> None:
+        """
+        Takes one step of the torch optimizer for ``params`` (not of the schedule: call :meth:`step` for that),
+        adding those it has not seen yet and creating the scheduler at the first call.
+        """
+        params = list(params)
+        if self.scheduler is None:
+            new = [p for p in params if p not in self.optim_objs]
+            if new:
+                self._add_params(new)
+                self._start_schedule()
+        super().__call__(params, *args, **kwargs)
+
+    def step(self, *args, **kwargs) -> None:
+        """Advances the schedule (the arguments of the torch scheduler's ``step``, e.g. a metric)."""
+        if self.scheduler is None:
+            raise RuntimeError(
+                "JointLRScheduler.step: there is no schedule yet; take an SVI step (which creates the optimizer and "
+                "its scheduler) before advancing the schedule"
+            )
+        self.scheduler.step(*args, **kwargs)
+
+    def _optimizer_part(self, name, saved):
+        if saved is None:
+            return None
+        if "scheduler" not in saved or "optimizer" not in saved:
+            raise ValueError(
+                f"JointLRScheduler: the saved state of parameter {name!r} is not a scheduler's (it has no "
+                "'scheduler' and 'optimizer' entries); load it with pyro_vdrop.optim.JointOptim"
+            )
+        self._saved_schedules.append((name, saved["scheduler"], saved["optimizer"]["param_groups"][0]))
+        return saved["optimizer"]
+
+    @staticmethod
+    def _signature(hyper: dict) -> dict:
+        # the schedule moves "lr": a group is known by its initial learning rate
+        signature = {k: v for k, v in hyper.items() if k not in ("params", "initial_lr")}
+        if "initial_lr" in hyper:
+            signature["lr"] = hyper["initial_lr"]
+        return signature
+
+    def _new_group(self, p: torch.Tensor, hyper: dict) -> None:
+        if self.scheduler is not None:
+            name = pyro.get_param_store().param_name(p)
+            raise ValueError(
+                f"JointLRScheduler: parameter {name!r} appeared after the schedule started and needs a param group "
+                f"of its own ({self._signature(hyper)}), which a running torch scheduler cannot take; create every "
+                "parameter before the first step (e.g. call the guide once) or use pyro.optim.PyroLRScheduler"
+            )
+        super()._new_group(p, hyper)
+
+    def _start_schedule(self) -> None:
+        groups = self.optimizer.param_groups
+        self.scheduler = self.pt_scheduler_constructor(self.optimizer, **self.kwargs)
+        if not self._saved_schedules:
+            return
+        # one saved scheduler state per group (they agree within a group), merged into the joint scheduler's
+        by_group: dict[int, tuple] = {}
+        store = pyro.get_param_store()
+        index_of = {id(p): i for i, g in enumerate(groups) for p in g["params"]}
+        for name, state, group in self._saved_schedules:
+            index = index_of[id(store[name].unconstrained())]
+            by_group.setdefault(index, (name, state, group))
+        self._saved_schedules = []
+        if len(by_group) != len(groups):
+            raise ValueError(
+                "JointLRScheduler: a saved state was loaded for some param groups but not others; load the state of "
+                "every parameter, or of none"
+            )
+        merged = {}
+        first_name, first_state, _ = by_group[0]
+        for key, value in first_state.items():
+            if isinstance(value, list) and len(value) == 1:  # per-group entries (base_lrs, _last_lr, lr_lambdas)
+                merged[key] = [by_group[i][1][key][0] for i in range(len(groups))]
+                continue
+            for name, state, _ in by_group.values():
+                if state.get(key) != value:
+                    raise ValueError(
+                        f"JointLRScheduler: the saved schedules of {first_name!r} and {name!r} differ in {key!r} "
+                        f"({value!r} vs {state.get(key)!r}); one torch scheduler cannot continue both"
+                    )
+            merged[key] = value
+        self.scheduler.load_state_dict(merged)
+        for i, group in enumerate(groups):  # the scheduler's construction reset the learning rates
+            group["lr"] = by_group[i][2]["lr"]
+
+    def get_state(self) -> dict:
+        """
+        Pyro's :class:`~pyro.optim.PyroLRScheduler` format: for every parameter, ``{"scheduler": the state dict of a
+        one-group scheduler, "optimizer": the state dict of a one-parameter optimizer}``, plus any state set by
+        :meth:`set_state` whose parameters have not appeared yet.
+        """
+        states = dict(self._state_waiting_to_be_consumed)
+        if self.scheduler is None:
+            return states
+        joint = self.scheduler.state_dict()
+        num_groups = len(self.optimizer.param_groups)
+        for name, index, entry in self._param_states():
+            one = {k: [v[index]] if isinstance(v, list) and len(v) == num_groups else v for k, v in joint.items()}
+            states[name] = {"scheduler": one, "optimizer": entry}
         return states

@@ -5,7 +5,7 @@ import torch
 from pyro.infer import SVI, TraceMeanField_ELBO
 
 import pyro_vdrop
-from pyro_vdrop.optim import JointOptim
+from pyro_vdrop.optim import JointLRScheduler, JointOptim
 
 NUM_DATA = 200
 
@@ -27,13 +27,15 @@ def _make_svi(optim):
     return SVI(model, guide, optim, TraceMeanField_ELBO())
 
 
-def _train(svi, steps, x, y, *, start=0, seed=1):
+def _train(svi, steps, x, y, *, start=0, seed=1, schedule=None):
     if seed is not None:
         pyro.set_rng_seed(seed)
     with pyro_vdrop.poutine.local_reparam():
         for i in range(start, start + steps):
             batch = slice(20 * (i % 10), 20 * (i % 10) + 20)
             svi.step(x[batch], y[batch])
+            if schedule is not None:
+                schedule.step()
 
 
 def _params():
@@ -190,5 +192,100 @@ def test_scheduler_state_is_refused():
     _train(_make_svi(sched), 1, x, y)
     optim = JointOptim(torch.optim.Adam, {"lr": 0.01})
     optim.set_state(sched.get_state())
-    with pytest.raises(ValueError, match="scheduler"):
+    with pytest.raises(ValueError, match="JointLRScheduler"):
         _train(_make_svi(optim), 1, x, y)
+
+
+def _lambda_lr(kind, lr=0.01):
+    """pyro.optim.LambdaLR or JointLRScheduler with the same arguments: lr halves every 5 steps."""
+    args = {"optimizer": torch.optim.Adam, "optim_args": lr if isinstance(lr, dict) or callable(lr) else {"lr": lr}}
+    args["lr_lambda"] = lambda step: 0.5 ** (step // 5)
+    if kind == "pyro":
+        return pyro.optim.LambdaLR(args)
+    return JointLRScheduler(torch.optim.lr_scheduler.LambdaLR, args)
+
+
+def test_scheduler_same_trajectory_as_pyro():
+    x, y = _data()
+    sched = _lambda_lr("pyro")
+    _train(_make_svi(sched), 12, x, y, schedule=sched)
+    expected = _params()
+    sched = _lambda_lr("joint")
+    _train(_make_svi(sched), 12, x, y, schedule=sched)
+    _assert_equal(_params(), expected)
+    assert sched.optimizer.param_groups[0]["lr"] == pytest.approx(0.01 * 0.25)  # the schedule ran: 12 steps
+    # without the schedule the parameters differ, so the comparison above sees the schedule
+    _train(_make_svi(JointOptim(torch.optim.Adam, {"lr": 0.01})), 12, x, y)
+    assert any(not torch.equal(expected[n], v) for n, v in _params().items())
+
+
+def test_scheduler_callable_args_give_one_schedule_per_group():
+    x, y = _data()
+
+    def args(name):
+        return {"lr": 0.1 if "log_alpha" in name else 0.01}
+
+    sched = _lambda_lr("pyro", args)
+    _train(_make_svi(sched), 7, x, y, schedule=sched)
+    expected = _params()
+    sched = _lambda_lr("joint", args)
+    _train(_make_svi(sched), 7, x, y, schedule=sched)
+    _assert_equal(_params(), expected)
+    assert sorted(g["lr"] for g in sched.optimizer.param_groups) == pytest.approx([0.005, 0.05])
+
+
+@pytest.mark.parametrize("direction", ["pyro_to_joint", "joint_to_pyro"])
+def test_scheduler_state_interchangeable_with_pyro(direction, tmp_path):
+    x, y = _data()
+    sched = _lambda_lr("pyro")
+    _train(_make_svi(sched), 16, x, y, schedule=sched)
+    expected = _params()
+
+    first, second = _lambda_lr("pyro"), _lambda_lr("joint")
+    if direction == "joint_to_pyro":
+        first, second = second, first
+    _train(_make_svi(first), 8, x, y, schedule=first)  # stops between two halvings of the learning rate
+    params = _params()
+    rng = pyro.util.get_rng_state()
+    first.save(tmp_path / "optim.pt")
+
+    svi = _make_svi(second)
+    with pyro_vdrop.poutine.local_reparam():
+        svi.evaluate_loss(x, y)  # creates the parameters; then copy in place, as pyro-vdrop fit --resume does
+    with torch.no_grad():
+        for name, p in pyro.get_param_store().named_parameters():
+            p.copy_(params[name])
+    second.load(tmp_path / "optim.pt")
+    pyro.util.set_rng_state(rng)
+    _train(svi, 8, x, y, start=8, seed=None, schedule=second)
+    _assert_equal(_params(), expected)
+
+
+def test_scheduler_errors():
+    with pytest.raises(ValueError, match="'optimizer'"):
+        JointLRScheduler(torch.optim.lr_scheduler.LambdaLR, {"optim_args": {"lr": 0.1}})
+    with pytest.raises(TypeError, match="scheduler_constructor"):
+        JointLRScheduler("LambdaLR", {"optimizer": torch.optim.Adam, "optim_args": {}})
+    sched = _lambda_lr("joint")
+    with pytest.raises(RuntimeError, match="no schedule yet"):
+        sched.step()
+    # a parameter that needs a group of its own after the schedule started
+    pyro.clear_param_store()
+    a, b = (pyro.param(name, torch.ones(2)).unconstrained() for name in "ab")
+    a.grad, b.grad = torch.ones(2), torch.ones(2)
+    sched = JointLRScheduler(
+        torch.optim.lr_scheduler.LambdaLR,
+        {"optimizer": torch.optim.SGD, "optim_args": lambda name: {"lr": 0.1}, "lr_lambda": lambda step: 1.0},
+    )
+    sched([a])
+    sched.pt_optim_args = lambda name: {"lr": 0.2}
+    with pytest.raises(ValueError, match="appeared after the schedule started"):
+        sched([a, b])
+    # a plain optimizer's state is refused, and a scheduler's state by JointOptim
+    x, y = _data()
+    plain = pyro.optim.Adam({"lr": 0.01})
+    _train(_make_svi(plain), 1, x, y)
+    sched = _lambda_lr("joint")
+    sched.set_state(plain.get_state())
+    with pytest.raises(ValueError, match="not a scheduler's"):
+        _train(_make_svi(sched), 1, x, y)
