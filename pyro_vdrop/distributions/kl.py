@@ -45,26 +45,37 @@ class _MolchanovKL(Function):
         \frac{\partial\,\mathrm{KL}}{\partial\log\alpha} = -k_1 k_3 u (1 - u) - \tfrac{1}{2}\sigma(-\log\alpha),
         \qquad u = \sigma(-(k_2 + k_3\log\alpha)) .
 
+    With ``low``/``high`` it is the KL of ``log_alpha.clamp(low, high)`` (gradient 0 outside the bounds, as autograd
+    of ``clamp`` gives) without a separate ``clamp`` node, whose backward takes four elementwise passes.
     The backward pass is itself differentiable (it recomputes from ``log_alpha`` when a graph is being built).
     """
 
     @staticmethod
-    def forward(ctx, log_alpha):
-        u = log_alpha.mul(-MOLCHANOV_K3).sub_(MOLCHANOV_K2).sigmoid_()
-        log_sigmoid = F.logsigmoid(log_alpha)
-        ctx.save_for_backward(log_alpha, u)
+    def forward(ctx, log_alpha, low=None, high=None):
+        clipped = low is not None or high is not None
+        inner = log_alpha.clamp(low, high) if clipped else log_alpha
+        u = inner.mul(-MOLCHANOV_K3).sub_(MOLCHANOV_K2).sigmoid_()
+        log_sigmoid = F.logsigmoid(inner)
+        ctx.clip = (low, high) if clipped else None
+        ctx.save_for_backward(log_alpha, inner, u)
         return log_sigmoid.mul_(-0.5).add_(u, alpha=MOLCHANOV_K1)
 
     @staticmethod
     def backward(ctx, grad):
-        log_alpha, u = ctx.saved_tensors
+        log_alpha, inner, u = ctx.saved_tensors
         if torch.is_grad_enabled():  # double backward: differentiable ops on log_alpha
-            u = torch.sigmoid(-(MOLCHANOV_K2 + MOLCHANOV_K3 * log_alpha))
-            d = MOLCHANOV_K1 * MOLCHANOV_K3 * (u * u - u) - 0.5 * torch.sigmoid(-log_alpha)
-            return grad * d
+            inner = log_alpha if ctx.clip is None else log_alpha.clamp(*ctx.clip)
+            u = torch.sigmoid(-(MOLCHANOV_K2 + MOLCHANOV_K3 * inner))
+            d = grad * (MOLCHANOV_K1 * MOLCHANOV_K3 * (u * u - u) - 0.5 * torch.sigmoid(-inner))
+            if ctx.clip is not None:
+                d = torch.where(inner == log_alpha, d, torch.zeros_like(d))
+            return d, None, None
         # -2 dKL/dlog α = σ(-log α) + 2 k1 k3 (u - u²)
-        d = log_alpha.neg().sigmoid_().add_(torch.addcmul(u, u, u, value=-1.0), alpha=2 * MOLCHANOV_K1 * MOLCHANOV_K3)
-        return d.mul_(grad).mul_(-0.5)
+        d = inner.neg().sigmoid_().add_(torch.addcmul(u, u, u, value=-1.0), alpha=2 * MOLCHANOV_K1 * MOLCHANOV_K3)
+        d = d.mul_(grad).mul_(-0.5)
+        if ctx.clip is not None:
+            d = d.masked_fill_(inner != log_alpha, 0.0)
+        return d, None, None
 
 
 def log_uniform_kl(log_alpha, approx="molchanov"):
@@ -125,9 +136,13 @@ def _expand_kl(kl, q, p):
 @register_kl(CorrelatedVariationalDropoutNormal, ImproperLogUniform)
 def _kl_variationaldropoutnormal_improperloguniform(q, p):
     log_alpha = q.log_alpha
-    if q.log_alpha_clip is not None:
-        log_alpha = log_alpha.clamp(*q.log_alpha_clip)
-    kl = log_uniform_kl(log_alpha, q.kl_approx or p.kl_approx)
+    approx = check_kl_approx(q.kl_approx or p.kl_approx)
+    if q.log_alpha_clip is None:
+        kl = log_uniform_kl(log_alpha, approx)
+    elif approx == "molchanov":
+        kl = _MolchanovKL.apply(log_alpha, *q.log_alpha_clip)  # the clip inside the KL's node
+    else:
+        kl = log_uniform_kl(log_alpha.clamp(*q.log_alpha_clip), approx)
     return _expand_kl(kl, q, p)
 
 

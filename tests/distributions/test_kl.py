@@ -277,3 +277,36 @@ def test_fused_molchanov_kl_finite_far_out(dtype, device):
     assert kl[0].item() == pytest.approx(5e3 + 0.63576, rel=1e-6)
     assert abs(kl[-1].item()) < 1e-30
     assert log_alpha.grad[0].item() == pytest.approx(-0.5) and log_alpha.grad[-1].item() == 0
+
+
+@pytest.mark.parametrize("approx", ["molchanov", "kingma"])
+def test_clipped_kl_gradients_match_autograd_of_clamp(approx):
+    # the clip is fused into the Molchanov node: values and gradients (0 outside the bounds, passed at them) equal
+    # autograd of log_uniform_kl(log_alpha.clamp(low, high))
+    log_alpha = torch.cat([torch.linspace(-12, 12, 49, dtype=torch.float64), torch.tensor([-8.0, 8.0])])
+    log_alpha.requires_grad_()
+    q = VariationalDropoutNormal(torch.ones(51, dtype=torch.float64), log_alpha, log_alpha_clip=(-8.0, 8.0))
+    kl = kl_divergence(q, ImproperLogUniform(kl_approx=approx).expand([51]))
+    expected = log_uniform_kl(log_alpha.clamp(-8.0, 8.0), approx)
+    torch.testing.assert_close(kl, expected, rtol=1e-12, atol=1e-14)
+    weights = torch.rand(51, dtype=torch.float64)
+    (grad,) = torch.autograd.grad((kl * weights).sum(), log_alpha)
+    (expected_grad,) = torch.autograd.grad((expected * weights).sum(), log_alpha)
+    torch.testing.assert_close(grad, expected_grad, rtol=1e-10, atol=1e-14)
+    inside = (log_alpha >= -8) & (log_alpha <= 8)
+    if approx == "kingma":  # the Kingma fit is flat above log α = 0 by itself
+        inside &= log_alpha <= 0
+    assert (grad[~inside] == 0).all() and (grad[inside] != 0).all()
+
+
+def test_clipped_molchanov_kl_gradcheck_and_gradgradcheck():
+    from pyro_vdrop.distributions.kl import _MolchanovKL
+
+    # points away from the bounds (finite differences cannot straddle a kink)
+    log_alpha = torch.tensor([-11.0, -9.5, -3.0, 0.5, 7.0, 9.0, 12.0], dtype=torch.float64, requires_grad=True)
+
+    def fn(x):
+        return _MolchanovKL.apply(x, -8.0, 8.0)
+
+    assert torch.autograd.gradcheck(fn, (log_alpha,))
+    assert torch.autograd.gradgradcheck(fn, (log_alpha,))

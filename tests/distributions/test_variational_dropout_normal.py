@@ -169,3 +169,30 @@ def test_variance_gradients(log_alpha_shape):
     actual = torch.autograd.grad(variance(loc, log_alpha).pow(2).sum(), (loc, log_alpha))
     for a, e in zip(actual, expected):
         torch.testing.assert_close(a, e)
+
+
+def test_additive_log_alpha_gradients():
+    # the fused log α = log σ² - 2 log max(|θ|, tiny) against autograd of the formula, θ = 0 included (gradient 0
+    # there, from the clamp), and against finite differences to second order away from 0
+    from pyro_vdrop.distributions.util import safe_log_abs
+
+    loc = torch.tensor([[-2.0, -0.3, 0.0], [1e-3, 0.7, 5.0]], dtype=torch.float64, requires_grad=True)
+    log_sigma2 = torch.randn(2, 3, dtype=torch.float64, requires_grad=True)
+    d = VariationalDropoutNormal.from_additive(loc, log_sigma2)
+    expected = log_sigma2 - 2 * safe_log_abs(loc)
+    torch.testing.assert_close(d.log_alpha, expected)
+    weights = torch.rand(2, 3, dtype=torch.float64)
+    actual = torch.autograd.grad((d.log_alpha * weights).sum(), (loc, log_sigma2))
+    reference = torch.autograd.grad((expected * weights).sum(), (loc, log_sigma2))
+    for a, e in zip(actual, reference):
+        torch.testing.assert_close(a, e)
+    assert actual[0][0, 2] == 0
+
+    away = torch.tensor([[-2.0, -0.3], [0.7, 5.0]], dtype=torch.float64, requires_grad=True)
+    log_sigma2 = log_sigma2[:, :2].detach().requires_grad_()
+
+    def fn(loc, log_sigma2):
+        return VariationalDropoutNormal.from_additive(loc, log_sigma2).log_alpha
+
+    assert torch.autograd.gradcheck(fn, (away, log_sigma2))
+    assert torch.autograd.gradgradcheck(fn, (away, log_sigma2))
