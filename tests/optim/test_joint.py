@@ -83,11 +83,16 @@ def test_state_interchangeable_with_pyro_optim(direction, tmp_path):
     _train(_make_svi(pyro.optim.Adam({"lr": 0.01})), 20, x, y)
     expected = _params()
 
-    joint = JointOptim(torch.optim.Adam, {"lr": 0.01})
-    first, second = (pyro.optim.Adam({"lr": 0.01}), joint)
+    first, second = pyro.optim.Adam({"lr": 0.01}), JointOptim(torch.optim.Adam, {"lr": 0.01})
     if direction == "joint_to_pyro":
         first, second = second, first
-    _train(_make_svi(first), 10, x, y)
+    _assert_equal(_interrupted_run(first, second, 10, x, y, tmp_path), expected)
+
+
+def _interrupted_run(first, second, steps, x, y, tmp_path, schedule=False):
+    """``steps`` steps with the optimizer ``first``, save its state, load it into ``second``, ``steps`` more steps
+    (same noise as an uninterrupted run): the parameters at the end."""
+    _train(_make_svi(first), steps, x, y, schedule=first if schedule else None)
     params = _params()
     rng = pyro.util.get_rng_state()
     first.save(tmp_path / "optim.pt")
@@ -100,8 +105,8 @@ def test_state_interchangeable_with_pyro_optim(direction, tmp_path):
             p.copy_(params[name])
     second.load(tmp_path / "optim.pt")
     pyro.util.set_rng_state(rng)
-    _train(svi, 10, x, y, start=10, seed=None)
-    _assert_equal(_params(), expected)
+    _train(svi, steps, x, y, start=steps, seed=None, schedule=second if schedule else None)
+    return _params()
 
 
 def test_state_waits_for_its_parameters():
@@ -244,21 +249,8 @@ def test_scheduler_state_interchangeable_with_pyro(direction, tmp_path):
     first, second = _lambda_lr("pyro"), _lambda_lr("joint")
     if direction == "joint_to_pyro":
         first, second = second, first
-    _train(_make_svi(first), 8, x, y, schedule=first)  # stops between two halvings of the learning rate
-    params = _params()
-    rng = pyro.util.get_rng_state()
-    first.save(tmp_path / "optim.pt")
-
-    svi = _make_svi(second)
-    with pyro_vdrop.poutine.local_reparam():
-        svi.evaluate_loss(x, y)  # creates the parameters; then copy in place, as pyro-vdrop fit --resume does
-    with torch.no_grad():
-        for name, p in pyro.get_param_store().named_parameters():
-            p.copy_(params[name])
-    second.load(tmp_path / "optim.pt")
-    pyro.util.set_rng_state(rng)
-    _train(svi, 8, x, y, start=8, seed=None, schedule=second)
-    _assert_equal(_params(), expected)
+    # 8 steps: it stops between two halvings of the learning rate
+    _assert_equal(_interrupted_run(first, second, 8, x, y, tmp_path, schedule=True), expected)
 
 
 def test_scheduler_errors():
