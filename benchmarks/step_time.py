@@ -43,11 +43,11 @@ import torch.nn.functional as F
 from pyro.infer import SVI, TraceMeanField_ELBO
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from torch_vd_lrt import VDMLP  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository root: the benchmarks package
 
 import pyro_vdrop  # noqa: E402
+from benchmarks.torch_vd_lrt import VDMLP  # noqa: E402
+from benchmarks.variants import torch_step  # noqa: E402
 from pyro_vdrop.distributions import ImproperLogUniform  # noqa: E402
 from pyro_vdrop.infer import AutoVariationalDropout  # noqa: E402
 from pyro_vdrop.optim import JointOptim  # noqa: E402
@@ -123,19 +123,6 @@ def make_pyro_torch_adam():
     return step
 
 
-def make_torch(module, loss_fn):
-    opt = torch.optim.Adam(module.parameters(), lr=1e-3)
-
-    def step(x, y):
-        opt.zero_grad()
-        loss = loss_fn(x, y)
-        loss.backward()
-        opt.step()
-        return loss.item()
-
-    return step
-
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=100)
@@ -153,9 +140,9 @@ def main():
     mlp = nn.Sequential(nn.Linear(784, 300), nn.ReLU(), nn.Linear(300, 100), nn.ReLU(), nn.Linear(100, 10))
     vd = VDMLP(SIZES)
     vd_no_cap = VDMLP(SIZES, max_log_alpha=None)
-    torch_lrt = make_torch(vd, lambda x, y: vd.loss(x, y, NUM_DATA))
-    torch_lrt_no_cap = make_torch(vd_no_cap, lambda x, y: vd_no_cap.loss(x, y, NUM_DATA))
-    deterministic = make_torch(mlp, lambda x, y: F.cross_entropy(mlp(x), y))
+    torch_lrt = torch_step(vd, lambda x, y: vd.loss(x, y, NUM_DATA))
+    torch_lrt_no_cap = torch_step(vd_no_cap, lambda x, y: vd_no_cap.loss(x, y, NUM_DATA))
+    deterministic = torch_step(mlp, lambda x, y: F.cross_entropy(mlp(x), y))
     # Pyro's param store is global: the Pyro variants are rebuilt (fresh store) at every round
     builders = {
         "pyro_lrt": lambda: make_pyro("lrt"),

@@ -61,7 +61,8 @@ def unavailable(name):
     return peer_unavailable(name) if name in PEER_VARIANTS else None
 
 
-def _torch_step(module, loss_fn, lr):
+def torch_step(module, loss_fn, lr=1e-3):
+    """A plain torch training step of ``module``: ``torch.optim.Adam``, ``loss_fn(x, y)``, returns the loss."""
     opt = torch.optim.Adam(module.parameters(), lr=lr)
 
     def step(x, y):
@@ -102,10 +103,10 @@ def build(name, model_name, *, device="cpu", dtype=torch.float32, lr=1e-3, seed=
     pyro.set_rng_seed(seed)
     net = make_net(model_name, device=device, dtype=dtype)
     if name == "deterministic":
-        return Variant(name, _torch_step(net, lambda x, y: F.cross_entropy(net(x), y), lr))
+        return Variant(name, torch_step(net, lambda x, y: F.cross_entropy(net(x), y), lr))
     if name == "torch_lrt":
         vd = VDNet(net)
-        return Variant(name, _torch_step(vd, lambda x, y: vd.loss(x, y, NUM_DATA), lr))
+        return Variant(name, torch_step(vd, lambda x, y: vd.loss(x, y, NUM_DATA), lr))
     state = {"params": {}, "constraints": {}}
     with pyro.get_param_store().scope(state):
         if name in PEER_VARIANTS:
