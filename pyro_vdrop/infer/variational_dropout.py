@@ -207,12 +207,19 @@ class _VariationalDropoutMixin:
             value = value.to(dtype=dtype, device=device)
         return value
 
-    def _check_site(self, name, fn):
+    def _check_site(self, name, fn, site=None):
         if _is_log_uniform(fn):
             return
+        hint = ""
+        if site is not None and any(frame.vectorized for frame in site["cond_indep_stack"]):
+            # an unobserved site inside a plate: most often the likelihood, when the guide first ran without data
+            hint = (
+                f"If {name!r} is the likelihood, the guide first ran without its observations: call it (or SVI) "
+                "with them, e.g. guide(x, y), so that the site is observed. Otherwise: "
+            )
         raise ValueError(
             f"{type(self).__name__} handles only sites whose prior is ImproperLogUniform, but site {name!r} has "
-            f"prior {fn!r}. " + self._combine_hint(name)
+            f"prior {fn!r}. " + hint + self._combine_hint(name)
         )
 
     def _combine_hint(self, name):
@@ -507,6 +514,15 @@ class AutoVariationalDropout(_VariationalDropoutMixin, AutoGuide):
         super().__init__(model, create_plates=create_plates)
 
     def _setup_prototype(self, *args, **kwargs):
+        try:
+            self._setup(*args, **kwargs)
+        except BaseException:
+            # a failed set-up (e.g. a first call without the observations) must not leave a half-made guide that
+            # later calls would take as set up
+            self.prototype_trace = None
+            raise
+
+    def _setup(self, *args, **kwargs):
         ref = _reference_tensor(args, kwargs)
         self._like = None if ref is None else (ref.dtype, ref.device)
         try:
@@ -522,7 +538,7 @@ class AutoVariationalDropout(_VariationalDropoutMixin, AutoGuide):
                 self.log_alphas = PyroModule()
         self._layouts = {}
         for name, site in self.prototype_trace.iter_stochastic_nodes():
-            self._check_site(name, site["fn"])
+            self._check_site(name, site["fn"], site)
         if isinstance(self.input_dim, dict):
             unknown = set(self.input_dim) - {name for name, _ in self.prototype_trace.iter_stochastic_nodes()}
             if unknown:

@@ -575,3 +575,16 @@ def test_predictive_draws_from_the_guide():
     ratio = samples["w"].reshape(5, 3, 4) / guide.median()["w"]
     assert torch.allclose(ratio[:, 0], ratio[:, 1], rtol=1e-5) and torch.allclose(ratio[:, 0], ratio[:, 2], rtol=1e-5)
     assert not torch.allclose(ratio[:, :, 0], ratio[:, :, 1])
+
+
+def test_guide_called_without_observations_says_so():
+    # a bayesianized net's guide first called without y: its likelihood is a latent site in the data plate
+    from pyro_vdrop.nn import bayesianize
+
+    model = bayesianize(torch.nn.Linear(3, 2), num_data=10)
+    guide = AutoVariationalDropout(model)
+    with pytest.raises(ValueError, match=r"(?s)'obs' is the likelihood.*guide\(x, y\)"):
+        guide(torch.randn(4, 3))
+    # the failed first call left no half-made guide: with the observations it sets up
+    guide(torch.randn(4, 3), torch.tensor([0, 1, 1, 0]))
+    assert set(guide.log_alpha()) == {"weight"}
