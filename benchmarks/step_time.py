@@ -10,6 +10,9 @@ Time one SVI step (forward + backward + Adam) of the MNIST MLP 784-300-100-10, b
 - ``pyro_lrt_validated``: the same with ``pyro.enable_validation(True)`` (Pyro's default; the other Pyro
   variants run with validation off, as one would for speed)
 - ``pyro_flipout``: the same under ``local_reparam(estimator="flipout")``
+- ``pyro_sparse_lrt``: ``pyro_lrt`` with the sparse-VD guide of ``pyro-vdrop fit``,
+  ``AutoVariationalDropout(model, parameterization="additive")`` (log σ² learned, log α clipped to [-8, 8] in the KL);
+  its maths differ from ``torch_lrt``'s
 - ``pyro_lrt_no_cap``: ``pyro_lrt`` with ``AutoVariationalDropout(model, max_log_alpha=None)``: no cap on log α
   (the default caps log α at 0 [Kingma et al. 2015], a clamp in the forward pass); compare with ``torch_lrt_no_cap``
 - ``pyro_lrt_torch_adam``: ``pyro_lrt`` with Pyro's PyTorch-native loop instead of ``SVI``: the ELBO as a module
@@ -149,6 +152,7 @@ def main():
         "pyro_lrt_pyro_adam": lambda: make_pyro("lrt", optim="pyro"),
         "pyro_lrt_validated": lambda: make_pyro("lrt", validate=True),
         "pyro_flipout": lambda: make_pyro("flipout"),
+        "pyro_sparse_lrt": lambda: make_pyro("lrt", parameterization="additive"),
         "pyro_lrt_no_cap": lambda: make_pyro("lrt", max_log_alpha=None),
         "pyro_lrt_torch_adam": make_pyro_torch_adam,
         "torch_lrt": lambda: torch_lrt,
