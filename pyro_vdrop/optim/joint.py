@@ -90,6 +90,8 @@ class JointOptim(PyroOptim):
         new = [p for p in params if p not in self.optim_objs]
         if new:
             self._add_params(new)
+        if not params:  # a model and guide without parameters: nothing to step (as with pyro.optim)
+            return
         for p in params:
             clip = self.grad_clip[p]
             if clip is not None:

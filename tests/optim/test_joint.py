@@ -281,3 +281,10 @@ def test_scheduler_errors():
     sched.set_state(plain.get_state())
     with pytest.raises(ValueError, match="not a scheduler's"):
         _train(_make_svi(sched), 1, x, y)
+
+
+def test_no_parameters_is_a_no_op():
+    # SVI passes an empty set when the model and guide have no parameters, as pyro.optim accepts
+    optim = JointOptim(torch.optim.Adam, {"lr": 0.1})
+    optim([])
+    assert optim.optimizer is None and optim.get_state() == {}
