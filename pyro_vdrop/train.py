@@ -710,6 +710,9 @@ def process_group(*, timeout: timedelta = DISTRIBUTED_TIMEOUT) -> Iterator[None]
     dist.init_process_group("cpu:gloo,cuda:nccl" if cuda else "gloo", init_method="env://", timeout=timeout)
     try:
         yield
+        # every process is done communicating before any tears the group down (a gloo peer torn down mid-exchange
+        # can abort the other process); not after an error, when the others may never arrive
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 

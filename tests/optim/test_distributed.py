@@ -105,6 +105,7 @@ def _worker(rank, port, out):
         DistributedOptimizer(JointOptim(torch.optim.SGD, {"lr": LR}))(params.values())
         results["joint"] = {name: p.detach().clone() for name, p in params.items()}
         torch.save(results, out / f"rank{rank}.pt")
+        dist.barrier()  # both done communicating before either tears the group down
     finally:
         dist.destroy_process_group()
 
