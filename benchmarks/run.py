@@ -66,7 +66,7 @@ NOTES = [
     "Inputs are random MNIST-shaped minibatches (step times do not depend on the values); N = 60,000.",
     "torch_lrt: the same maths as pyro-vdrop's default: Molchanov KL, log alpha capped at 0 (a plain clamp), "
     "one torch.optim.Adam. pyro_vdrop_lrt trains with pyro_vdrop.optim.JointOptim(torch.optim.Adam) (one torch "
-    "optimizer; pyro.optim.Adam keeps one per parameter, about 1 ms more per MLP step: benchmarks/step_time.py).",
+    "optimizer; pyro.optim.Adam keeps one per parameter, 1.0-1.8 ms more per MLP step: benchmarks/step_time.py).",
     "bayesian-torch: N(0, 1) prior, N(mu, softplus(rho)^2) posterior, Bayesian biases, KL = mean over weights / "
     "batch size (not the ELBO's sum); it has no LRT layer: its Reparameterization layers draw one weight sample "
     "per minibatch.",

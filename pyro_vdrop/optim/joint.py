@@ -29,7 +29,7 @@ class JointOptim(PyroOptim):
     same) in one ``optimizer.step()`` call per SVI step instead of one per parameter, and, with
     ``set_to_none=True``, leaves the gradients at ``None`` after the step (as :meth:`torch.optim.Optimizer.zero_grad`
     does by default) so that the next backward pass writes them instead of adding to zeros that
-    :class:`~pyro.infer.SVI` filled in. Both save time in every step: 1.0–1.3 ms (about 12%) of an MLP
+    :class:`~pyro.infer.SVI` filled in. Both save time in every step: 1.0–1.8 ms (7–12%) of an MLP
     784-300-100-10 step at batch 100 on CPU (``python benchmarks/step_time.py``).
 
     Parameters are added as they appear, as with :class:`~pyro.optim.PyroOptim`: each new parameter joins the
