@@ -124,28 +124,27 @@ class JointOptim(PyroOptim):
                 hyper = dict(args)
             else:
                 # torch's own load_state_dict casts the saved state to the parameter's dtype and device
-                one = self.pt_optim_constructor([p], **args)
-                if is_scheduler(one):
-                    raise TypeError(
-                        "JointOptim needs a torch.optim.Optimizer class; the constructor returned a scheduler "
-                        f"({type(one).__name__})"
-                    )
+                one = self._make_optimizer([p], args)
                 one.load_state_dict(saved)
                 state = one.state.get(p, {})
                 hyper = {k: v for k, v in one.param_groups[0].items() if k != "params"}
             if self.optimizer is None:
-                self.optimizer = self.pt_optim_constructor([{"params": [p], **hyper}], **args)
-                if is_scheduler(self.optimizer) or not hasattr(self.optimizer, "param_groups"):
-                    raise TypeError(
-                        "JointOptim needs a torch.optim.Optimizer class (e.g. torch.optim.Adam); the constructor "
-                        f"returned {type(self.optimizer).__name__}, a learning-rate scheduler"
-                    )
+                self.optimizer = self._make_optimizer([{"params": [p], **hyper}], args)
             else:
                 self._join_group(p, hyper)
             if state:
                 self.optimizer.state[p] = state
             self.optim_objs[p] = self.optimizer
             self.grad_clip[p] = self._get_grad_clip(p)
+
+    def _make_optimizer(self, params: list, args: dict) -> torch.optim.Optimizer:
+        optimizer = self.pt_optim_constructor(params, **args)
+        if is_scheduler(optimizer) or not hasattr(optimizer, "param_groups"):
+            raise TypeError(
+                f"{type(self).__name__} needs a torch.optim.Optimizer class (e.g. torch.optim.Adam); the constructor "
+                f"returned {type(optimizer).__name__}, a learning-rate scheduler"
+            )
+        return optimizer
 
     def _optimizer_part(self, p, name, saved):
         """The one-parameter optimizer state dict in a parameter's saved state (``None`` if there is none)."""
@@ -281,7 +280,8 @@ class JointLRScheduler(JointOptim):
                 f"JointLRScheduler: the saved state of parameter {name!r} is not a scheduler's (it has no "
                 "'scheduler' and 'optimizer' entries); load it with pyro_vdrop.optim.JointOptim"
             )
-        self._saved_schedules.append((p, name, saved["scheduler"], saved["optimizer"]["param_groups"][0]))
+        if self.scheduler is None:  # once the schedule runs, a late parameter follows its group's schedule
+            self._saved_schedules.append((p, name, saved["scheduler"], saved["optimizer"]["param_groups"][0]))
         return saved["optimizer"]
 
     @staticmethod
