@@ -11,13 +11,16 @@ The ``pyro-vdrop`` command: train, evaluate and report on variational-dropout ne
     torchrun --nproc_per_node 2 -m pyro_vdrop.cli fit   # the same, started by torchrun
     pyro-vdrop evaluate --run runs/lenet300         # test error with θ, pruned, and MC predictive
     pyro-vdrop report --run runs/lenet300           # report.md with log α histograms, curves, masks
+    pyro-vdrop convert --run runs/old --trust-checkpoint   # a checkpoint of an older pyro-vdrop, made safe
 
-Errors (bad options, missing data, a run directory that does not fit) are printed on stderr and the command
-exits with status 2 without touching existing files. The work is done by :mod:`pyro_vdrop.train`.
+Errors (bad options, missing data, a run directory that does not fit or is in use) are printed on stderr and the
+command exits with status 2 without touching existing files; a file that cannot be written (a full disk) exits
+with status 1, the last checkpoint intact. The work is done by :mod:`pyro_vdrop.train`.
 """
 
 import argparse
 import dataclasses
+import math
 import os
 import shlex
 import sys
@@ -40,6 +43,7 @@ from pyro_vdrop.train import (
 
 _DEFAULTS = TrainConfig()
 _EXIT_ERROR = 2
+_EXIT_IO_ERROR = 1
 _EXIT_INTERRUPTED = 130
 
 
@@ -76,6 +80,16 @@ def _number(low: float, *, low_open: bool, high: float | None = None):
         return value
 
     return parse
+
+
+def _finite_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return value
 
 
 def _default(name: str) -> str:
@@ -187,7 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--num-samples", type=_positive_int, default=10, metavar="S", help="posterior draws (default: 10)")
     ev.add_argument(
         "--threshold",
-        type=float,
+        type=_finite_float,
         default=PRUNE_THRESHOLD,
         help=f"pruning threshold on log α (default: {PRUNE_THRESHOLD})",
     )
@@ -207,9 +221,24 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--max-units", type=_positive_int, default=100, help="units shown in the mask grid (default: 100)")
     rep.add_argument(
         "--threshold",
-        type=float,
+        type=_finite_float,
         default=PRUNE_THRESHOLD,
         help=f"pruning threshold on log α (default: {PRUNE_THRESHOLD})",
+    )
+
+    conv = commands.add_parser(
+        "convert",
+        help="rewrite a run's checkpoint of an older pyro-vdrop in the safe format (only runs you wrote yourself)",
+        description="Rewrite the checkpoint of a run written by an older pyro-vdrop (checkpoint format 1, which "
+        "pickles Python objects) in the current format, which holds plain data only and loads without running "
+        "code. Reading the old file can run code hidden in it: convert only runs you wrote yourself, and say so "
+        "with --trust-checkpoint. The old file is kept as checkpoint.pt.format1.",
+    )
+    conv.add_argument("--run", metavar="DIR", required=True, help="a run directory written by 'pyro-vdrop fit'")
+    conv.add_argument(
+        "--trust-checkpoint",
+        action="store_true",
+        help="confirm that you wrote this run yourself (required: the old format can carry code)",
     )
     return parser
 
@@ -314,13 +343,32 @@ def _evaluate(args) -> None:
     for label, value in rows:
         print(f"  {label:<36} {value}")
     print(f"  written to {Path(args.run) / train.EVALUATION_FILE}")
+    _say_in_progress("evaluate", result["in_progress"])
 
 
 def _report(args) -> None:
     from pyro_vdrop import train
 
+    holder = train.run_in_progress(args.run)
     path = train.write_report(args.run, max_units=args.max_units, threshold=args.threshold)
     print(f"pyro-vdrop report: wrote {path} and its figures")
+    _say_in_progress("report", holder)
+
+
+def _say_in_progress(command: str, holder: str | None) -> None:
+    if holder is not None:
+        print(
+            f"pyro-vdrop {command}: note: the run is still being trained ({holder}); these are the figures of "
+            "its last checkpoint",
+            file=sys.stderr,
+        )
+
+
+def _convert(args) -> None:
+    from pyro_vdrop import train
+
+    path = train.convert_checkpoint(args.run, trust_checkpoint=args.trust_checkpoint)
+    print(f"pyro-vdrop convert: {path} now holds plain data only (the previous file, if older, is kept beside it)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -328,7 +376,8 @@ def main(argv: list[str] | None = None) -> int:
     Runs ``pyro-vdrop`` with the arguments ``argv`` (default ``sys.argv[1:]``).
 
     :returns: The exit status: 0 on success; 2 (after a message on stderr) for bad options, missing data or a
-        run directory that does not fit; 130 when interrupted.
+        run directory that does not fit or is in use; 1 when a file cannot be read or written (e.g. a full disk;
+        the last checkpoint stays intact); 130 when interrupted.
     """
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser()
@@ -340,12 +389,17 @@ def main(argv: list[str] | None = None) -> int:
             _fit(args, argv)
         elif args.command == "evaluate":
             _evaluate(args)
-        else:
+        elif args.command == "report":
             _report(args)
+        else:
+            _convert(args)
     except RunError as e:
         if not isinstance(e, Rank0Error):  # else process 0 of a torchrun run reports it
             print(f"pyro-vdrop {args.command}: error: {e}", file=sys.stderr)
         return _EXIT_ERROR
+    except OSError as e:  # a file that cannot be written or read: the files written before are intact
+        print(f"pyro-vdrop {args.command}: I/O error: {e}", file=sys.stderr)
+        return _EXIT_IO_ERROR
     except KeyboardInterrupt:
         if args.command == "fit" and os.environ.get("RANK", "0") == "0":  # under torchrun: process 0 says it
             print(

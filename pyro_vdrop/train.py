@@ -5,14 +5,15 @@ The training loop behind the ``pyro-vdrop`` command: variational dropout on MNIS
 
 A *run directory* holds everything about one training run:
 
-===================  =====================================================================
-``config.json``      the :class:`TrainConfig`, the command, versions and machine
-``checkpoint.pt``    the latest end-of-epoch checkpoint (see :func:`save_checkpoint`)
-``metrics.csv``      one row per epoch (also as ``metrics.jsonl``)
-``summary.json``     the final figures, written when training completes
-``evaluation.json``  written by :func:`evaluate`
-``report.md``        written by :func:`write_report`, with its PNG figures
-===================  =====================================================================
+====================  =====================================================================
+``config.json``       the :class:`TrainConfig`, the command, versions and machine
+``checkpoint.pt``     the latest end-of-epoch checkpoint (see :func:`save_checkpoint`)
+``metrics.csv``       one row per epoch (also as ``metrics.jsonl``)
+``summary.json``      the final figures, written when training completes
+``evaluation.json``   written by :func:`evaluate`
+``report.md``         written by :func:`write_report`, with its PNG figures
+``.pyro-vdrop.lock``  locked by the process that trains the run (see :func:`lock_run`)
+====================  =====================================================================
 
 Example::
 
@@ -46,11 +47,13 @@ import os
 import pickle
 import platform
 import random
+import re
 import signal
 import socket
 import sys
 import tempfile
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from datetime import timedelta
 from pathlib import Path
@@ -92,7 +95,8 @@ REPORT_FIGURES = ("log_alpha_hist.png", "curves.png", "first_layer_masks.png")
 #: Every file a run directory may hold; ``--overwrite`` removes these and nothing else.
 RUN_FILES = (CONFIG_FILE, CHECKPOINT_FILE, METRICS_CSV, METRICS_JSONL, SUMMARY_FILE, EVALUATION_FILE, REPORT_FILE)
 RUN_FILES += REPORT_FIGURES
-CHECKPOINT_VERSION = 1
+#: Checkpoint format 2 holds plain data only (``torch.load(weights_only=True)``); format 1 pickled objects.
+CHECKPOINT_VERSION = 2
 #: How long a process waits for the others in a collective (e.g. while process 0 evaluates) before it gives up.
 DISTRIBUTED_TIMEOUT = timedelta(minutes=5)
 
@@ -292,7 +296,27 @@ class _ObservedLogits(Messenger):
         self.name = msg["name"]
         self.logits = fn.logits.detach()
         log_prob = fn.log_prob(msg["value"]).detach()
+        if msg["mask"] is not None:
+            log_prob = log_prob * msg["mask"]
         self.log_lik = float((log_prob * msg["scale"]).sum())
+
+
+class _DataWeight(Messenger):
+    """
+    Scales the observed sites by ``factor`` and masks them with ``mask``: in a multi-process epoch whose last
+    steps carry padding (examples repeated so that every process has as many), the padding is masked out and the
+    real examples are scaled so that each counts exactly once.
+    """
+
+    def __init__(self, mask: torch.Tensor, factor: float):
+        super().__init__()
+        self.mask = mask
+        self.factor = factor
+
+    def _pyro_sample(self, msg):
+        if msg["is_observed"]:
+            msg["scale"] = msg["scale"] * self.factor
+            msg["mask"] = self.mask if msg["mask"] is None else msg["mask"] & self.mask
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -415,16 +439,23 @@ def estimator_handler(estimator: str):
 def _atomic_write(path: Path, write: Callable[[Any], None], *, binary: bool) -> None:
     """Writes ``path`` through a temporary file in the same folder, fsync and :func:`os.replace`."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        # mkstemp creates the file with O_EXCL (mode 0600): it never opens an existing file or follows a link, and
+        # os.replace swaps the directory entry, so a symlink at ``path`` is replaced, not written through
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as e:
+        raise OSError(e.errno, f"cannot write {path}: {e.strerror}") from e
     try:
         with os.fdopen(fd, "wb" if binary else "w", **({} if binary else {"encoding": "utf-8", "newline": ""})) as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        if isinstance(e, OSError) and not str(e).startswith("cannot write"):
+            raise OSError(e.errno, f"cannot write {path}: {e.strerror or e}") from e
         raise
 
 
@@ -444,27 +475,228 @@ def save_checkpoint(path: str | os.PathLike, state: dict) -> None:
     schedule), ``rng`` (torch, CUDA, numpy and python states; with several
     processes a list of them, one per rank), ``world_size`` (the number of processes; absent means 1), ``history``
     (the metric rows) and ``elapsed`` (training seconds).
+
+    The file holds only tensors, numbers, strings, lists and dicts, so that ``torch.load(path, weights_only=True)``
+    reads it without running any code: the param store's constraints are stored by their name in
+    :mod:`pyro.distributions.constraints` and the numpy and python generator states as tensors and lists
+    (:func:`load_checkpoint` turns them back).
+
+    :raises ValueError: if the state holds a constraint that has no name in :mod:`pyro.distributions.constraints`.
     """
-    _atomic_write(Path(path), lambda f: torch.save(state, f), binary=True)
+    buffer = io.BytesIO()  # serialised in memory: torch's zip writer reports a failed write (a full disk) vaguely
+    torch.save(_encode_checkpoint(state), buffer)
+    _atomic_write(Path(path), lambda f: f.write(buffer.getbuffer()), binary=True)
 
 
-def load_checkpoint(path: str | os.PathLike, *, map_location=None) -> dict:
+def load_checkpoint(path: str | os.PathLike, *, map_location=None, trust: bool = False) -> dict:
     """
-    Loads a checkpoint written by :func:`save_checkpoint`. Checkpoints hold Pyro constraint objects, so this
-    uses ``torch.load(weights_only=False)``: load only checkpoints you trust.
+    Loads a checkpoint written by :func:`save_checkpoint` with ``torch.load(weights_only=True)``, which reads
+    tensors, numbers, strings, lists and dicts and nothing else, so a file from a stranger cannot run code. The
+    result has the in-memory format of :func:`save_checkpoint` (constraint objects, numpy and python generator
+    states).
 
-    :raises RunError: if the file is missing, unreadable or not a pyro-vdrop checkpoint.
+    :param bool trust: Also read checkpoints of format 1 (pyro-vdrop 0.1.0.dev0 before this change), which pickle
+        Python objects, with ``torch.load(weights_only=False)``. That **can run arbitrary code** hidden in the
+        file: pass it only for files you wrote yourself (``--trust-checkpoint`` on the command line).
+    :raises RunError: if the file is missing, unreadable, holds anything but plain data (without ``trust``), or is
+        not a pyro-vdrop checkpoint.
     """
     path = Path(path)
     if not path.is_file():
         raise RunError(f"{path}: no checkpoint here; is this the --out directory of a 'pyro-vdrop fit' run?")
     try:
-        state = torch.load(path, map_location=map_location, weights_only=False)
+        with warnings.catch_warnings():  # torch warns about pickles it did not write; they fail below anyway
+            warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
+            state = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        if not trust:
+            raise RunError(
+                f"{path}: refused to load: the file holds Python objects other than tensors, numbers, strings, lists "
+                f"and dicts{_unsafe_global(e)}, and loading those can run code hidden in the file. A checkpoint "
+                f"written by pyro-vdrop before checkpoint format {CHECKPOINT_VERSION} holds such objects: if you "
+                "wrote this file yourself, convert it once with 'pyro-vdrop convert --run DIR --trust-checkpoint'. "
+                "Never trust a run folder from someone else"
+            ) from None
+        state = _load_trusted(path, map_location)
     except Exception as e:  # torch.load raises many types for a corrupt file
-        raise RunError(f"{path}: cannot read the checkpoint ({type(e).__name__}: {e})") from e
-    if not isinstance(state, dict) or state.get("version") != CHECKPOINT_VERSION:
-        raise RunError(f"{path}: not a pyro-vdrop checkpoint of version {CHECKPOINT_VERSION}")
-    return state
+        raise RunError(f"{path}: cannot read the checkpoint ({type(e).__name__}: {_first_line(e)})") from e
+    if not isinstance(state, dict) or state.get("version") not in (1, CHECKPOINT_VERSION):
+        raise RunError(f"{path}: not a pyro-vdrop checkpoint (format {CHECKPOINT_VERSION})")
+    if state["version"] == 1 and not trust:
+        raise RunError(
+            f"{path}: a checkpoint of format 1; convert it with 'pyro-vdrop convert --run DIR --trust-checkpoint' "
+            "if you wrote it yourself"
+        )
+    _check_checkpoint_keys(state, path)
+    try:
+        return _decode_checkpoint(state)
+    except (KeyError, TypeError, ValueError) as e:
+        raise RunError(f"{path}: not a valid pyro-vdrop checkpoint ({e})") from e
+
+
+def _first_line(error: BaseException) -> str:
+    lines = str(error).strip().splitlines()
+    return lines[0] if lines else type(error).__name__
+
+
+def _unsafe_global(error: BaseException) -> str:
+    """The global that ``torch.load(weights_only=True)`` refused, as ``" (it names os.system)"``, if it says."""
+    found = re.search(r"GLOBAL ([\w.]+)", str(error))
+    return f" (it names {found.group(1)})" if found else ""
+
+
+def _load_trusted(path: Path, map_location) -> dict:
+    """``torch.load(weights_only=False)``: only behind the user's explicit ``trust``."""
+    try:
+        return torch.load(path, map_location=map_location, weights_only=False)
+    except Exception as e:
+        raise RunError(f"{path}: cannot read the checkpoint ({type(e).__name__}: {_first_line(e)})") from e
+
+
+#: The keys of a training checkpoint and their types (``world_size`` may be absent: one process).
+_CHECKPOINT_KEYS = {
+    "config": dict,
+    "epoch": int,
+    "step": int,
+    "param_store": dict,
+    "optim": dict,
+    "rng": (dict, list),
+    "history": list,
+    "elapsed": (int, float),
+}
+
+
+def _check_checkpoint_keys(state: dict, path: Path) -> None:
+    missing = sorted(set(_CHECKPOINT_KEYS) - set(state))
+    if missing:
+        raise RunError(f"{path}: not a complete pyro-vdrop checkpoint: it lacks {', '.join(missing)}")
+    for key, kind in _CHECKPOINT_KEYS.items():
+        if not isinstance(state[key], kind) or isinstance(state[key], bool):
+            raise RunError(f"{path}: not a valid pyro-vdrop checkpoint: {key!r} is a {type(state[key]).__name__}")
+    params = state["param_store"].get("params")
+    if not isinstance(params, dict) or not all(isinstance(v, torch.Tensor) for v in params.values()):
+        raise RunError(f"{path}: not a valid pyro-vdrop checkpoint: its param_store holds no tensors")
+
+
+def _encode_constraint(constraint, name: str) -> str:
+    """The name of ``constraint`` in :mod:`pyro.distributions.constraints` (an unpickled copy of a named constraint
+    object, as format 1 holds, has the same type and attributes)."""
+    from pyro.distributions import constraints
+
+    for candidate in sorted(dir(constraints)):
+        value = getattr(constraints, candidate)
+        if candidate.startswith("_") or not isinstance(value, constraints.Constraint):
+            continue
+        if value is constraint or (type(value) is type(constraint) and vars(value) == vars(constraint)):
+            return candidate
+    raise ValueError(
+        f"parameter {name!r} has the constraint {constraint!r}, which has no name in pyro.distributions.constraints; "
+        "a checkpoint stores constraints by name"
+    )
+
+
+def _decode_constraint(name):
+    from pyro.distributions import constraints
+
+    if not isinstance(name, str):  # format 1 (trusted): the object itself
+        return name
+    value = getattr(constraints, name, None) if not name.startswith("_") else None
+    if not isinstance(value, constraints.Constraint):
+        raise ValueError(f"unknown constraint {name!r}")
+    return value
+
+
+def _encode_rng(state: dict) -> dict:
+    kind, key, pos, has_gauss, cached = state["numpy"]
+    version, internal, gauss_next = state["python"]
+    return {
+        "torch": state["torch"],
+        "cuda": state["cuda"],
+        "numpy": {"kind": kind, "key": torch.from_numpy(key.astype(np.int64)), "pos": int(pos)}
+        | {"has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+        "python": {"version": version, "state": list(internal), "gauss_next": gauss_next},
+    }
+
+
+def _decode_rng(state: dict) -> dict:
+    numpy_state, python_state = state["numpy"], state["python"]
+    if isinstance(numpy_state, dict):
+        key = np.asarray(numpy_state["key"].numpy(), dtype=np.uint32)
+        numpy_state = (
+            numpy_state["kind"],
+            key,
+            numpy_state["pos"],
+            numpy_state["has_gauss"],
+            numpy_state["cached_gaussian"],
+        )
+    if isinstance(python_state, dict):
+        python_state = (python_state["version"], tuple(python_state["state"]), python_state["gauss_next"])
+    return {**state, "numpy": numpy_state, "python": python_state}
+
+
+def _encode_checkpoint(state: dict) -> dict:
+    """The in-memory checkpoint as plain data for ``torch.load(weights_only=True)``."""
+    store = state["param_store"]
+    rng = state["rng"]
+    return {
+        **state,
+        "version": CHECKPOINT_VERSION,
+        "param_store": {
+            "params": {name: value.detach() for name, value in store["params"].items()},
+            "constraints": {name: _encode_constraint(c, name) for name, c in store["constraints"].items()},
+        },
+        "rng": [_encode_rng(r) for r in rng] if isinstance(rng, list) else _encode_rng(rng),
+    }
+
+
+def _decode_checkpoint(state: dict) -> dict:
+    """The inverse of :func:`_encode_checkpoint`; format 1 (trusted) passes through."""
+    store = state["param_store"]
+    rng = state["rng"]
+    return {
+        **state,
+        "param_store": {
+            "params": store["params"],
+            "constraints": {name: _decode_constraint(c) for name, c in store.get("constraints", {}).items()},
+        },
+        "rng": [_decode_rng(r) for r in rng] if isinstance(rng, list) else _decode_rng(rng),
+    }
+
+
+def convert_checkpoint(run_dir: str | os.PathLike, *, trust_checkpoint: bool = False) -> Path:
+    """
+    Rewrites the checkpoint of ``run_dir`` in the current, plain-data format (see :func:`save_checkpoint`), so that
+    it loads without ``weights_only=False``. The old file is kept beside it as ``checkpoint.pt.format<N>``.
+
+    Reading a format-1 checkpoint unpickles it, which **can run arbitrary code hidden in the file**: do this only
+    for run directories you wrote yourself, and say so with ``trust_checkpoint=True``
+    (``pyro-vdrop convert --run DIR --trust-checkpoint``).
+
+    :returns: The path of the rewritten checkpoint.
+    :raises RunError: without ``trust_checkpoint``, if another process writes the run, or if the file is not a
+        pyro-vdrop checkpoint.
+    """
+    run_dir = Path(run_dir)
+    if not trust_checkpoint:
+        raise RunError(
+            "converting reads the old checkpoint with pickle, which can run code hidden in the file: pass "
+            "--trust-checkpoint (trust_checkpoint=True) if, and only if, you wrote this run yourself"
+        )
+    if not run_dir.is_dir():
+        raise RunError(f"--run {run_dir}: no such directory")
+    path = run_dir / CHECKPOINT_FILE
+    with lock_run(run_dir, command="pyro-vdrop convert"):
+        state = load_checkpoint(path, map_location="cpu", trust=True)
+        _checkpoint_config(state, path)
+        _check_config_file(run_dir, state["config"], path)
+        backup = path.with_name(f"{CHECKPOINT_FILE}.format{state['version']}")
+        if state["version"] != CHECKPOINT_VERSION:
+            if backup.exists() or backup.is_symlink():
+                raise RunError(f"{backup} exists: move it away first, it may be the only copy of an older checkpoint")
+            data = path.read_bytes()  # keep the user's file
+            _atomic_write(backup, lambda f: f.write(data), binary=True)
+        save_checkpoint(path, state)
+    return path
 
 
 def _rng_state() -> dict:
@@ -508,6 +740,130 @@ def read_metrics(run_dir: str | os.PathLike) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
+#: The lock file of a run directory: :func:`lock_run` holds an exclusive lock on it while a process writes the run.
+LOCK_FILE = ".pyro-vdrop.lock"
+
+
+def _try_lock(fd: int, *, exclusive: bool) -> bool:
+    """A non-blocking lock on the open file ``fd``, released by the OS when the process dies; False if held."""
+    try:
+        import fcntl
+    except ImportError:  # Windows: a byte-range lock on the first byte (exclusive only)
+        import msvcrt
+
+        try:
+            msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
+        except OSError:
+            return False
+        return True
+    try:
+        fcntl.flock(fd, (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    return True
+
+
+def _open_lock_file(path: Path, flags: int) -> int:
+    # O_NOFOLLOW: a lock file planted as a symlink must not make us write into the file it points at
+    return os.open(path, flags | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0), 0o644)
+
+
+def _lock_holder(path: Path) -> str:
+    try:
+        with open(_open_lock_file(path, os.O_RDONLY), encoding="utf-8", errors="replace") as f:
+            holder = f.read(500).strip()
+    except OSError:
+        holder = ""
+    return holder or "a process that has not yet written its name"
+
+
+@contextlib.contextmanager
+def lock_run(run_dir: str | os.PathLike, *, command: str | None = None) -> Iterator[None]:
+    """
+    Holds an exclusive lock on the run directory ``run_dir`` (an existing folder) for the ``with`` block, so that
+    two processes never write one run. The lock is :func:`fcntl.flock` on ``run_dir/.pyro-vdrop.lock``, which
+    records the holder (process id, host, command); the OS releases it when the process ends, however it ends,
+    so a killed run never leaves a stale lock.
+
+    :raises RunError: if another process holds the lock (the message names it), or the lock file cannot be
+        opened.
+    """
+    run_dir = Path(run_dir)
+    path = run_dir / LOCK_FILE
+    try:
+        fd = _open_lock_file(path, os.O_RDWR | os.O_CREAT)
+    except OSError as e:
+        raise RunError(f"cannot open the lock file {path}: {e.strerror}; is {run_dir} writable?") from e
+    try:
+        if not _try_lock(fd, exclusive=True):
+            raise RunError(
+                f"{run_dir} is being written by another pyro-vdrop process ({_lock_holder(path)}): wait for it to "
+                "finish or stop it, or choose another --out"
+            )
+        holder = f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}"
+        os.ftruncate(fd, 0)
+        os.write(fd, (holder + (f": {command}" if command else "") + "\n").encode("utf-8"))
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def run_in_progress(run_dir: str | os.PathLike) -> str | None:
+    """The holder of ``run_dir``'s lock (see :func:`lock_run`) while a process trains the run, else None."""
+    path = Path(run_dir) / LOCK_FILE
+    try:
+        fd = _open_lock_file(path, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        if _try_lock(fd, exclusive=False):
+            return None
+    finally:
+        os.close(fd)
+    return _lock_holder(path)
+
+
+def _remove_stale_temp_files(run_dir: Path) -> list[str]:
+    """Removes the temporary files that an interrupted atomic write of this package left in ``run_dir`` (by their
+    name pattern, ``.<run file>.<random>.tmp``); call it only while holding the run's lock."""
+    pattern = re.compile(r"\.(" + "|".join(re.escape(name) for name in RUN_FILES) + r")\.[A-Za-z0-9_]+\.tmp")
+    removed = []
+    for entry in os.scandir(run_dir):
+        if pattern.fullmatch(entry.name) and not entry.is_dir(follow_symlinks=False):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(entry.path)
+            removed.append(entry.name)
+    return removed
+
+
+def _check_config_file(run_dir: Path, config: dict, checkpoint: Path) -> None:
+    """Raises a :class:`RunError` unless ``config.json`` in ``run_dir`` records the checkpoint's configuration
+    (``data_dir`` and ``device`` may differ: a resumed run may move)."""
+    path = run_dir / CONFIG_FILE
+    try:
+        with open(path, encoding="utf-8") as f:
+            record = json.load(f)
+    except FileNotFoundError:
+        raise RunError(
+            f"{path} is missing: a run directory of 'pyro-vdrop fit' holds it beside {CHECKPOINT_FILE}"
+        ) from None
+    except (OSError, ValueError) as e:
+        raise RunError(f"{path}: cannot read the run's configuration ({e})") from e
+    saved = record.get("config") if isinstance(record, dict) else None
+    if not isinstance(saved, dict):
+        raise RunError(f"{path}: no 'config' entry; is {run_dir} a run directory of 'pyro-vdrop fit'?")
+    differ = [
+        f"{name}={config.get(name)!r} in the checkpoint but {saved.get(name)!r} in {CONFIG_FILE}"
+        for name in sorted(set(saved) | set(config))
+        if name not in _RUNTIME_FIELDS and saved.get(name) != config.get(name)
+    ]
+    if differ:
+        raise RunError(
+            f"{checkpoint} contradicts {path}: {'; '.join(differ)}. The run directory was mixed up or altered; "
+            "restore the run's own files or start a new run"
+        )
+
+
 def environment() -> dict:
     """Versions and machine, recorded with every run and benchmark."""
     import pyro_vdrop
@@ -537,13 +893,25 @@ def _batches(n: int, size: int):
         yield slice(start, min(start + size, n))
 
 
-def predict_logits(model, x: torch.Tensor, y: torch.Tensor, *, params: dict) -> torch.Tensor:
-    """The model's logits on ``x`` with its weight sites fixed to ``params`` (e.g. the posterior means θ)."""
+def predict_logits(
+    model, x: torch.Tensor, y: torch.Tensor, *, params: dict, batch_size: int = _EVAL_BATCH
+) -> torch.Tensor:
+    """The model's logits on ``x`` with its weight sites fixed to ``params`` (e.g. the posterior means θ), computed
+    ``batch_size`` examples at a time (at most the model's ``num_data``: its plate holds no more)."""
     with torch.no_grad():
-        return torch.cat([poutine.condition(model, data=params)(x[s], y[s]) for s in _batches(len(x), _EVAL_BATCH)])
+        return torch.cat([poutine.condition(model, data=params)(x[s], y[s]) for s in _batches(len(x), batch_size)])
 
 
-def predictive_probs(model, guide, x: torch.Tensor, y: torch.Tensor, *, num_samples: int, estimator: str):
+def predictive_probs(
+    model,
+    guide,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    num_samples: int,
+    estimator: str,
+    batch_size: int = _EVAL_BATCH,
+):
     r"""
     The Monte Carlo posterior predictive :math:`\frac1S\sum_s p(y|x, w_s)` with ``num_samples`` draws from the
     guide, under the training ``estimator`` (with local reparameterization every test point gets its own noise,
@@ -551,7 +919,7 @@ def predictive_probs(model, guide, x: torch.Tensor, y: torch.Tensor, *, num_samp
     """
     out = []
     with torch.no_grad():
-        for s in _batches(len(x), _EVAL_BATCH):
+        for s in _batches(len(x), batch_size):
             probs = 0.0
             for _ in range(num_samples):
                 with estimator_handler(estimator):
@@ -560,6 +928,11 @@ def predictive_probs(model, guide, x: torch.Tensor, y: torch.Tensor, *, num_samp
                 probs = probs + logits.softmax(-1)
             out.append(probs / num_samples)
     return torch.cat(out)
+
+
+def _check_threshold(threshold) -> None:
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not math.isfinite(threshold):
+        raise RunError(f"--threshold must be a finite number (a log α); got {threshold!r}")
 
 
 def _error(logits: torch.Tensor, y: torch.Tensor) -> float:
@@ -766,6 +1139,17 @@ def _stop(processes, *, grace: float = 3.0) -> None:
             p.join()
 
 
+@contextlib.contextmanager
+def _private_folder() -> Iterator[str]:
+    """A new temporary folder that only this user can enter or write (mode 0700, owned by us), removed at the end:
+    where :func:`launch`'s processes leave their result, which it unpickles."""
+    with tempfile.TemporaryDirectory(prefix="pyro-vdrop-launch-") as folder:
+        info = os.lstat(folder)
+        if info.st_mode & 0o077 or (hasattr(os, "getuid") and info.st_uid != os.getuid()):
+            raise RunError(f"the temporary folder {folder} is not private (mode {oct(info.st_mode & 0o777)})")
+        yield folder
+
+
 def launch(
     fn: Callable,
     *args,
@@ -796,7 +1180,7 @@ def launch(
     if not dist.is_available():
         raise RunError("this torch build has no torch.distributed: train in a single process")
     threads = max(1, _cpu_count() // nproc) if threads is None else threads
-    with tempfile.TemporaryDirectory(prefix="pyro-vdrop-launch-") as folder:
+    with _private_folder() as folder:
         spawn_args = (fn, args, kwargs, nproc, _free_port(), threads, timeout, folder)
         context = torch.multiprocessing.start_processes(
             _launched, args=spawn_args, nprocs=nproc, join=False, start_method="spawn"
@@ -812,7 +1196,9 @@ def launch(
         except KeyboardInterrupt:
             _stop(context.processes)
             raise
-        with open(Path(folder) / _RESULT_FILE, "rb") as f:
+        # process 0 wrote it into a folder only this user can write (see _private_folder): not a stranger's pickle
+        fd = os.open(Path(folder) / _RESULT_FILE, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+        with os.fdopen(fd, "rb") as f:
             return pickle.load(f)
 
 
@@ -832,7 +1218,8 @@ class _Session:
         self.world = world = world or _World()
         self.x_train, self.y_train, self.x_test, self.y_test = load_data(config, device=device)
         self.num_data = self.x_train.shape[0]
-        # Each process takes its share of the global batch, and ceil(N / P) examples per epoch (DistributedSampler)
+        # Each process takes its share of the global batch, and ceil(N / P) examples per epoch (DistributedSampler);
+        # the padding that makes the shares equal is masked out of the data term (see padding)
         self.batch_size = config.batch_size // world.size
         self.num_local = math.ceil(self.num_data / world.size)
         self.steps_per_epoch = math.ceil(self.num_local / self.batch_size)
@@ -891,6 +1278,12 @@ class _Session:
                 optim.zero_grad()
                 loss.backward()
                 optim.step()
+            if not all(bool(torch.isfinite(p).all()) for p in net.parameters()):
+                raise RunError(
+                    f"pretraining diverged: the network's weights are not finite after pretraining epoch {epoch + 1} "
+                    f"(last loss {float(loss.detach()):.4g}); lower --lr, which pretraining uses too, or pass "
+                    "--pretrain-epochs 0"
+                )
 
     def state(self, *, epoch: int, step: int, history: list, elapsed: float) -> dict:
         """The checkpoint; a collective operation when several processes train (each contributes its RNG state)."""
@@ -955,12 +1348,41 @@ class _Session:
             order = order[list(shard)]
         return order
 
+    def padding(self, s: slice) -> tuple[torch.Tensor | None, float]:
+        r"""
+        Which examples of this process's slice ``s`` of its shard are real, and the factor their data term needs.
+
+        The epoch's order is padded to :math:`P\lceil N/P\rceil` examples by wrapping around
+        (``epoch_order``); process :math:`r` takes positions :math:`r, r + P, \dots`, so position
+        :math:`r + Pj` is real when it is below :math:`N`. A step whose :math:`P` slices hold :math:`M'` real
+        examples must weight each by :math:`N/M'`; the plate weights this process's :math:`b` examples by
+        :math:`N/b` and the gradients are averaged over the processes, hence the factor :math:`Pb/M'` on the real
+        examples and a mask on the padding. Returns ``(None, 1.0)`` for a step without padding.
+        """
+        world = self.world
+        if not world.distributed:
+            return None, 1.0
+        positions = torch.arange(s.start, s.stop) * world.size + world.rank
+        real = positions < self.num_data
+        num_real = min(self.num_data, world.size * s.stop) - world.size * s.start  # over all processes
+        if num_real == world.size * (s.stop - s.start):
+            return None, 1.0
+        return real.to(self.device), world.size * (s.stop - s.start) / num_real
+
+    @property
+    def eval_batch_size(self) -> int:
+        """Test examples per model run: the model's plate holds at most ``num_data``."""
+        return min(_EVAL_BATCH, self.num_data)
+
+    def predict_logits(self, x: torch.Tensor, y: torch.Tensor, *, params: dict) -> torch.Tensor:
+        return predict_logits(self.model, x, y, params=params, batch_size=self.eval_batch_size)
+
     def posterior_figures(self) -> dict:
         theta, log_alpha = _posterior(self.guide)
         stats = sparsity_stats(self.guide)
-        error = _error(predict_logits(self.model, self.x_test, self.y_test, params=theta), self.y_test)
+        error = _error(self.predict_logits(self.x_test, self.y_test, params=theta), self.y_test)
         pruned = pruned_params(theta, log_alpha)
-        error_pruned = _error(predict_logits(self.model, self.x_test, self.y_test, params=pruned), self.y_test)
+        error_pruned = _error(self.predict_logits(self.x_test, self.y_test, params=pruned), self.y_test)
         return {"test_error": error, "test_error_pruned": error_pruned, **stats}
 
     def kl(self) -> float:
@@ -989,7 +1411,9 @@ def _train_epoch(session: _Session, epoch: int, step: int, bar, callback, sparsi
         x, y = session.x_train[order[s]], session.y_train[order[s]]
         beta = kl_weight(config, step / session.steps_per_epoch)
         session.guide.kl_scale = session.kl_scale * beta
-        with estimator_handler(config.estimator):
+        real, factor = session.padding(s)
+        weight = contextlib.nullcontext() if real is None else _DataWeight(real, factor)
+        with estimator_handler(config.estimator), weight:
             loss = session.svi.step(x, y)
         session.optim.step()  # the learning-rate schedule: lr for the next step
         step += 1
@@ -999,8 +1423,9 @@ def _train_epoch(session: _Session, epoch: int, step: int, bar, callback, sparsi
             )
         losses.append(loss)
         log_liks.append(session.recorder.log_lik)
-        correct += int((session.recorder.logits.argmax(-1) == y).sum())
-        seen += y.shape[0]
+        hits = session.recorder.logits.argmax(-1) == y
+        correct += int((hits if real is None else hits & real).sum())
+        seen += y.shape[0] if real is None else int(real.sum())
         bar.update(1)
         if bar.n % 10 == 0 or s.stop == len(order):
             postfix = {"epoch": epoch + 1, "loss": f"{loss / session.num_data:.3f}", "acc": f"{correct / seen:.3f}"}
@@ -1033,12 +1458,23 @@ def _check_out(out: Path, *, resume: bool, overwrite: bool) -> list[str]:
         raise RunError("--resume and --overwrite exclude each other: resume continues a run, overwrite replaces it")
     if out.exists() and not out.is_dir():
         raise RunError(f"--out {out} exists and is not a directory")
-    existing = [name for name in RUN_FILES if (out / name).exists()]
+    existing = [name for name in RUN_FILES if (out / name).exists() or (out / name).is_symlink()]
+    no_checkpoint = not (out / CHECKPOINT_FILE).is_file()
     if resume:
-        if not (out / CHECKPOINT_FILE).is_file():
+        if no_checkpoint and (out / CONFIG_FILE).is_file():
+            raise RunError(
+                f"--resume: {out} holds a run that stopped before its first epoch ended ({CONFIG_FILE} but no "
+                f"{CHECKPOINT_FILE}): there is nothing to resume; start it again with --overwrite instead of --resume"
+            )
+        if no_checkpoint:
             raise RunError(f"--resume: {out} holds no {CHECKPOINT_FILE}; start a new run without --resume")
         return []
     if existing and not overwrite:
+        if no_checkpoint:
+            raise RunError(
+                f"--out {out} holds a run that stopped before its first epoch ended ({', '.join(existing)}; no "
+                f"{CHECKPOINT_FILE} to resume): pass --overwrite to start it again, or choose another --out"
+            )
         raise RunError(
             f"--out {out} already holds a run ({', '.join(existing)}); pass --resume to continue it or --overwrite "
             "to replace it, or choose another --out"
@@ -1046,22 +1482,61 @@ def _check_out(out: Path, *, resume: bool, overwrite: bool) -> list[str]:
     return existing
 
 
+def _claim(out: Path, stack: contextlib.ExitStack, command: str | None) -> None:
+    """Creates ``out`` if needed and takes its lock for the rest of ``stack``; a folder created here and left
+    holding nothing but the lock file (the run failed before writing anything) is removed again."""
+    created = [folder for folder in (out, *out.parents) if not folder.exists()]  # innermost first
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise RunError(f"--out {out}: cannot create the run directory ({e.strerror or e})") from e
+
+    def remove_if_unused():
+        with contextlib.suppress(OSError):
+            if {entry.name for entry in os.scandir(out)} <= {LOCK_FILE}:
+                (out / LOCK_FILE).unlink(missing_ok=True)
+                for folder in created:
+                    folder.rmdir()  # fails, and stops, at a folder that is not empty
+
+    if created:
+        stack.callback(remove_if_unused)  # runs after the lock is released (the stack unwinds in reverse)
+    stack.enter_context(lock_run(out, command=command))
+    _remove_stale_temp_files(out)
+
+
 def _prepare(
-    config: TrainConfig | None, out: Path, *, resume: bool, overwrite: bool, overrides: dict | None, world: _World
+    config: TrainConfig | None,
+    out: Path,
+    *,
+    resume: bool,
+    overwrite: bool,
+    overrides: dict | None,
+    world: _World,
+    stack: contextlib.ExitStack,
+    command: str | None,
 ) -> tuple[TrainConfig, dict | None, list[str]]:
     """
-    Checks the options and ``out`` for :func:`fit` without touching ``out``; returns the configuration, the
-    checkpoint to resume from (or None) and the run files that ``overwrite`` replaces.
+    Checks the options and ``out`` for :func:`fit`, then takes the run directory's lock (creating ``out``) and
+    checks it again under the lock; returns the configuration, the checkpoint to resume from (or None) and the run
+    files that ``overwrite`` replaces. Nothing in ``out`` is changed but the lock file and stale temporary files.
     """
-    replaced = _check_out(out, resume=resume, overwrite=overwrite)
+    holder = run_in_progress(out)
+    if holder is not None:
+        raise RunError(
+            f"{out} is being written by another pyro-vdrop process ({holder}): wait for it to finish or stop it, "
+            "or choose another --out"
+        )
+    _check_out(out, resume=resume, overwrite=overwrite)  # fail fast, before creating anything
+    if config is not None:
+        check_batch_size(config.batch_size, world.size)
+    _claim(out, stack, command)
+    replaced = _check_out(out, resume=resume, overwrite=overwrite)  # again, now that no other writer can interfere
     state = None
     if resume:
         path = out / CHECKPOINT_FILE
         state = load_checkpoint(path, map_location="cpu")
-        try:
-            saved = TrainConfig.from_dict(state["config"])
-        except (TypeError, ValueError) as e:
-            raise RunError(f"{path}: its configuration is invalid: {e}") from e
+        saved = _checkpoint_config(state, path)
+        _check_config_file(out, state["config"], path)
         config = _check_resume_config(saved, overrides or {}, out)
         nproc = state.get("world_size", 1)
         if nproc != world.size:
@@ -1072,6 +1547,13 @@ def _prepare(
             )
     check_batch_size(config.batch_size, world.size)
     return config, state, replaced
+
+
+def _checkpoint_config(state: dict, path: Path) -> TrainConfig:
+    try:
+        return TrainConfig.from_dict(state["config"])
+    except (TypeError, ValueError) as e:
+        raise RunError(f"{path}: its configuration is invalid: {e}") from e
 
 
 def check_batch_size(batch_size: int, nproc: int) -> None:
@@ -1161,26 +1643,58 @@ def fit(
         ``device`` may change, any other value must equal the run's.
     :returns: The final figures (also written to ``summary.json``).
     :rtype: dict
-    :raises RunError: for a bad ``out``, a checkpoint that does not fit, or missing data.
+    :raises RunError: for a bad ``out``, a run directory that another process is writing (see :func:`lock_run`),
+        a checkpoint that does not fit, or missing data.
+    :raises OSError: if a file of the run cannot be written (e.g. the disk is full); the previous checkpoint stays.
     """
-    from tqdm.auto import tqdm
-
     if config is None and not resume:
         raise ValueError("config is required unless resume=True")
     world = _world()
     out = Path(out)
-    # process 0 alone checks the options, the directory and the checkpoint, before any process touches out
-    config, state, replaced = _from_rank0(
-        world, lambda: _prepare(config, out, resume=resume, overwrite=overwrite, overrides=overrides, world=world)
-    )
+    with contextlib.ExitStack() as stack:  # process 0 holds the run directory's lock until the run ends
+        # process 0 alone checks the options, claims the directory and reads the checkpoint
+        prepared = _from_rank0(
+            world,
+            lambda: _prepare(
+                config,
+                out,
+                resume=resume,
+                overwrite=overwrite,
+                overrides=overrides,
+                world=world,
+                stack=stack,
+                command=command,
+            ),
+        )
+        return _fit(
+            *prepared, out, world=world, progress=progress, callback=callback, validate=validate, command=command
+        )
+
+
+def _fit(
+    config: TrainConfig,
+    state: dict | None,
+    replaced: list[str],
+    out: Path,
+    *,
+    world: _World,
+    progress: bool,
+    callback: Callable[[dict], None] | None,
+    validate: bool,
+    command: str | None,
+) -> dict:
+    """The body of :func:`fit`, once the run directory is checked and (in process 0) locked."""
+    from tqdm.auto import tqdm
+
     device = _process_device(select_device(config.device), world)
     session = _Session(config, device=device, restoring=state is not None, world=world)
     history, elapsed, start_epoch, step = [], session.pretrain_time, 0, 0
     if state is not None:
         session.restore(state, path=out / CHECKPOINT_FILE)
         history, elapsed, start_epoch, step = state["history"], state["elapsed"], state["epoch"], state["step"]
-    elif world.rank == 0:  # only now, with the options and the data known to be good, touch the directory
-        out.mkdir(parents=True, exist_ok=True)
+        if world.rank == 0:  # the checkpoint holds the history: repair metrics files a crash left a row short
+            write_metrics(out, history)
+    elif world.rank == 0:  # only now, with the options and the data known to be good, replace an old run's files
         for name in replaced:
             (out / name).unlink()
         record = {"config": config.to_dict(), "command": command, "nproc": world.size, "environment": environment()}
@@ -1256,16 +1770,16 @@ def open_run(run_dir: str | os.PathLike, *, device: str | None = None, data_dir:
     :param str device: Where to compute (default: the run's ``device`` option).
     :param str data_dir: Where the MNIST files are now (default: the run's).
     :returns: ``(session, state)``: the live objects (``.model``, ``.guide``, ``.x_test``, ...) and the checkpoint.
-    :raises RunError: if ``run_dir`` is not a run, or its checkpoint does not fit the model of its configuration.
+    :raises RunError: if ``run_dir`` is not a run, its checkpoint is not plain data (see :func:`load_checkpoint`),
+        contradicts its ``config.json``, or does not fit the model of its configuration.
     """
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise RunError(f"--run {run_dir}: no such directory")
-    state = load_checkpoint(run_dir / CHECKPOINT_FILE, map_location="cpu")
-    try:
-        config = TrainConfig.from_dict(state["config"])
-    except (TypeError, ValueError) as e:
-        raise RunError(f"{run_dir / CHECKPOINT_FILE}: its configuration is invalid: {e}") from e
+    path = run_dir / CHECKPOINT_FILE
+    state = load_checkpoint(path, map_location="cpu")
+    config = _checkpoint_config(state, path)
+    _check_config_file(run_dir, state["config"], path)
     changes = {k: v for k, v in {"device": device, "data_dir": data_dir}.items() if v is not None}
     config = _replace(config, changes)
     session = _Session(config, device=select_device(config.device), restoring=True)
@@ -1289,6 +1803,9 @@ def evaluate(
     - ``test_error_pruned``: θ with the weights of :math:`\log\alpha >` ``threshold`` removed [2];
     - ``test_error_mc``: the Monte Carlo posterior predictive with ``num_samples`` draws, under the run's estimator.
 
+    A run that :func:`fit` is still training is evaluated at its last checkpoint (checkpoints are replaced
+    atomically); ``in_progress`` then names the training process, else it is None.
+
     :param run_dir: A directory written by :func:`fit`.
     :param int num_samples: Posterior draws for the predictive.
     :param float threshold: The pruning threshold on :math:`\log\alpha`.
@@ -1297,26 +1814,34 @@ def evaluate(
     :param int seed: Seed of the Monte Carlo draws.
     :rtype: dict
     """
-    if num_samples < 1:
-        raise RunError(f"--num-samples must be a positive integer; got {num_samples}")
+    if not isinstance(num_samples, int) or isinstance(num_samples, bool) or num_samples < 1:
+        raise RunError(f"--num-samples must be a positive integer; got {num_samples!r}")
+    _check_threshold(threshold)
     run_dir = Path(run_dir)
     t0 = time.perf_counter()
+    in_progress = run_in_progress(run_dir)
     session, state = open_run(run_dir, device=device, data_dir=data_dir)
     theta, log_alpha = _posterior(session.guide)
     x, y = session.x_test, session.y_test
     stats = sparsity_stats(session.guide, threshold=threshold)
     pyro.set_rng_seed(seed)
     probs = predictive_probs(
-        session.model, session.guide, x, y, num_samples=num_samples, estimator=session.config.estimator
+        session.model,
+        session.guide,
+        x,
+        y,
+        num_samples=num_samples,
+        estimator=session.config.estimator,
+        batch_size=session.eval_batch_size,
     )
     result = {
         "run": str(run_dir),
         "epoch": state["epoch"],
         "epochs": session.config.epochs,
         "num_test": int(x.shape[0]),
-        "test_error": _error(predict_logits(session.model, x, y, params=theta), y),
+        "test_error": _error(session.predict_logits(x, y, params=theta), y),
         "test_error_pruned": _error(
-            predict_logits(session.model, x, y, params=pruned_params(theta, log_alpha, threshold=threshold)), y
+            session.predict_logits(x, y, params=pruned_params(theta, log_alpha, threshold=threshold)), y
         ),
         "test_error_mc": _error(probs.log(), y),
         "test_nll_mc": float(-probs.gather(-1, y.unsqueeze(-1)).clamp(min=1e-12).log().mean()),
@@ -1327,6 +1852,7 @@ def evaluate(
         "sparsity": stats["sparsity"],
         "compression": stats["compression"],
         "layers": stats["layers"],
+        "in_progress": in_progress,
         "time": time.perf_counter() - t0,
     }
     _write_json(run_dir / EVALUATION_FILE, result)
@@ -1351,6 +1877,13 @@ def _import_pyplot():
     return plt
 
 
+def _save_figure(fig, path: Path) -> None:
+    """Saves a figure as PNG through :func:`_atomic_write` (a symlink at ``path`` is replaced, never followed)."""
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=100)
+    _atomic_write(path, lambda f: f.write(buffer.getvalue()), binary=True)
+
+
 def _mask_images(theta: torch.Tensor, log_alpha: torch.Tensor, threshold: float):
     """Per unit of the first layer, its kept-weight mask as an image, or None when there is no image shape."""
     keep = (log_alpha.expand(theta.shape) <= threshold).cpu()
@@ -1370,8 +1903,10 @@ def write_report(run_dir: str | os.PathLike, *, max_units: int = 100, threshold:
     :returns: The path of ``report.md``.
     :raises RunError: if matplotlib is not installed or ``run_dir`` is not a run.
     """
+    _check_threshold(threshold)
     plt = _import_pyplot()
     run_dir = Path(run_dir)
+    in_progress = run_in_progress(run_dir)
     session, state = open_run(run_dir, device="cpu")
     theta, log_alpha = _posterior(session.guide)
     stats = sparsity_stats(session.guide, threshold=threshold)
@@ -1390,7 +1925,7 @@ def write_report(run_dir: str | os.PathLike, *, max_units: int = 100, threshold:
         ax.set_yscale("log")
     axes[0][0].legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(run_dir / REPORT_FIGURES[0], dpi=100)
+    _save_figure(fig, run_dir / REPORT_FIGURES[0])
     plt.close(fig)
 
     # 2. curves
@@ -1408,7 +1943,7 @@ def write_report(run_dir: str | os.PathLike, *, max_units: int = 100, threshold:
         ax.set_xlabel("epoch")
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(run_dir / REPORT_FIGURES[1], dpi=100)
+    _save_figure(fig, run_dir / REPORT_FIGURES[1])
     plt.close(fig)
 
     # 3. first-layer masks
@@ -1426,7 +1961,7 @@ def write_report(run_dir: str | os.PathLike, *, max_units: int = 100, threshold:
             if i < n:
                 ax.imshow(masks[order[i]].numpy(), cmap="gray", vmin=0, vmax=1, interpolation="nearest")
         fig.suptitle(f"{first}: kept weights (white), {n} units with most kept", fontsize=9)
-        fig.savefig(run_dir / REPORT_FIGURES[2], dpi=100)
+        _save_figure(fig, run_dir / REPORT_FIGURES[2])
         plt.close(fig)
         figures.append(REPORT_FIGURES[2])
     else:
@@ -1446,6 +1981,8 @@ def write_report(run_dir: str | os.PathLike, *, max_units: int = 100, threshold:
         f"{session.num_data} training and {session.x_test.shape[0]} test images, "
         f"{state['epoch']} of {config.epochs} epochs in {last.get('time', 0.0):.1f} s.\n\n"
     )
+    if in_progress is not None:
+        text.write(f"**The run is still being trained** ({in_progress}): the figures of its last checkpoint.\n\n")
     text.write("| figure | value |\n|---|---|\n")
     text.write(f"| test error (θ) | {100 * last.get('test_error', float('nan')):.2f} % |\n")
     text.write(
@@ -1479,12 +2016,14 @@ __all__ = [
     "GUIDES",
     "METRIC_KEYS",
     "MODELS",
+    "LOCK_FILE",
     "PRUNE_THRESHOLD",
     "RunError",
     "TrainConfig",
     "build_guide",
     "build_model",
     "build_network",
+    "convert_checkpoint",
     "environment",
     "estimator_handler",
     "evaluate",
@@ -1493,12 +2032,14 @@ __all__ = [
     "launch",
     "load_checkpoint",
     "load_data",
+    "lock_run",
     "open_run",
     "predict_logits",
     "predictive_probs",
     "process_group",
     "pruned_params",
     "read_metrics",
+    "run_in_progress",
     "save_checkpoint",
     "select_device",
     "sparsity_stats",

@@ -10,14 +10,15 @@ import pytest
 import torch
 
 from pyro_vdrop.cli import main
-from pyro_vdrop.train import CHECKPOINT_FILE, load_checkpoint
+from pyro_vdrop.train import CHECKPOINT_FILE, LOCK_FILE, load_checkpoint, save_checkpoint
 
 TINY = ["--model", "mlp", "--width", "16", "--train-subset", "120", "--test-subset", "60", "--batch-size", "40"]
 TINY += ["--kl-warmup", "1", "--pretrain-epochs", "0", "--no-progress"]
 
 
 def _files(folder):
-    return {p.name: p.read_bytes() for p in folder.iterdir()} if folder.exists() else {}
+    # the lock file records the last process that tried to write the run: not part of the run
+    return {p.name: p.read_bytes() for p in folder.iterdir() if p.name != LOCK_FILE} if folder.exists() else {}
 
 
 @pytest.fixture(scope="module")
@@ -104,7 +105,8 @@ def test_evaluate_and_report_errors(tmp_path, run_dir, capsys):
     # a run directory whose checkpoint belongs to another model
     state = load_checkpoint(run_dir / CHECKPOINT_FILE)
     state["config"]["width"] = 32
-    torch.save(state, tmp_path / CHECKPOINT_FILE)
+    save_checkpoint(tmp_path / CHECKPOINT_FILE, state)
+    (tmp_path / "config.json").write_text(json.dumps({"config": state["config"]}))
     assert main(["evaluate", "--run", str(tmp_path)]) == 2
     assert "does not fit the model built from its configuration" in capsys.readouterr().err
     assert not (tmp_path / "evaluation.json").exists()

@@ -12,6 +12,7 @@ import torch.distributed as dist
 from pyro_vdrop.cli import main
 from pyro_vdrop.train import (
     CHECKPOINT_FILE,
+    LOCK_FILE,
     RunError,
     TrainConfig,
     _Session,
@@ -109,6 +110,23 @@ def test_noise_free_run_equals_single_process_run_with_the_same_global_batch(tmp
             assert r2[key] == pytest.approx(r1[key], rel=1e-5, abs=1e-6), key
 
 
+def test_padding_counts_each_example_once(tmp_path):
+    # N = 7 does not divide among 2 processes: the last global minibatch holds example 7 and a repeat of example 1
+    # (DistributedSampler's padding). The padding is masked out and the real example weighted N/1, so the noise-free
+    # 2-process run equals the single-process run (whose last minibatch holds example 7 alone).
+    config = tiny(estimator="mean", train_subset=7, batch_size=2, epochs=3, kl_warmup=0)
+    launch(fit, config, tmp_path / "two", nproc=2, threads=1, progress=False)
+    fit(config, tmp_path / "one", progress=False)
+    two, one = _params(tmp_path / "two"), _params(tmp_path / "one")
+    for name, value in one.items():
+        assert torch.allclose(two[name], value, rtol=1e-5, atol=1e-6), (name, (two[name] - value).abs().max())
+    h2 = load_checkpoint(tmp_path / "two" / CHECKPOINT_FILE)["history"]
+    h1 = load_checkpoint(tmp_path / "one" / CHECKPOINT_FILE)["history"]
+    for r2, r1 in zip(h2, h1):
+        for key in ("loss", "elbo", "expected_log_lik", "train_acc", "step"):
+            assert r2[key] == pytest.approx(r1[key], rel=1e-5, abs=1e-6), key
+
+
 def test_resume_continues_exactly(lrt_run, tmp_path):
     full, _, _ = lrt_run
     cut = tmp_path / "cut"
@@ -127,12 +145,12 @@ def test_resume_needs_the_same_number_of_processes(lrt_run, tmp_path, capsys):
         fit(None, run, resume=True, progress=False)
     single = tmp_path / "single"
     fit(tiny(epochs=1), single, progress=False)
-    before = {p.name: p.read_bytes() for p in single.iterdir()}
+    before = {p.name: p.read_bytes() for p in single.iterdir() if p.name != LOCK_FILE}
     # the error is raised in the processes, reported once by the command
     assert main(["fit", "--resume", "--out", str(single), "--nproc", "2", "--threads", "1", "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert err.count("error:") == 1 and "in 1 process(es), and this one has 2: resume it with --nproc 1" in err
-    assert {p.name: p.read_bytes() for p in single.iterdir()} == before
+    assert {p.name: p.read_bytes() for p in single.iterdir() if p.name != LOCK_FILE} == before
 
 
 def test_batch_size_must_divide_among_processes(tmp_path, capsys):

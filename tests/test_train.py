@@ -11,6 +11,8 @@ from pyro import poutine
 from pyro_vdrop.nn import prune
 from pyro_vdrop.train import (
     CHECKPOINT_FILE,
+    CONFIG_FILE,
+    LOCK_FILE,
     METRIC_KEYS,
     METRICS_CSV,
     METRICS_JSONL,
@@ -27,6 +29,7 @@ from pyro_vdrop.train import (
     predict_logits,
     predictive_probs,
     pruned_params,
+    save_checkpoint,
 )
 
 # A tiny run: 200 images, 4 steps per epoch, a 3 × 32 MLP; a few seconds on 2 cores.
@@ -217,12 +220,12 @@ def test_config_validation():
 
 def test_out_with_a_run_needs_resume_or_overwrite(tmp_path):
     fit(tiny(epochs=1), tmp_path, progress=False)
-    files = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    files = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.name != LOCK_FILE}  # the lock names its taker
     with pytest.raises(RunError, match="already holds a run"):
         fit(tiny(epochs=1), tmp_path, progress=False)
     with pytest.raises(RunError, match="trained with another configuration: model='lenet300'"):
         fit(None, tmp_path, resume=True, progress=False, overrides={"model": "lenet300"})
-    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == files
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.name != LOCK_FILE} == files
     fit(tiny(epochs=2), tmp_path, overwrite=True, progress=False)
     assert load_checkpoint(tmp_path / CHECKPOINT_FILE)["epoch"] == 2
 
@@ -276,9 +279,11 @@ def test_evaluate_mc_predictive(trained_run):
 
 
 def test_evaluate_rejects_checkpoint_of_another_model(trained_run, tmp_path):
+    # a checkpoint and config.json that agree with each other, but not with the parameters the checkpoint holds
     state = load_checkpoint(trained_run / CHECKPOINT_FILE)
     state["config"]["model"] = "lenet300"
-    torch.save(state, tmp_path / CHECKPOINT_FILE)
+    save_checkpoint(tmp_path / CHECKPOINT_FILE, state)
+    (tmp_path / CONFIG_FILE).write_text(json.dumps({"config": state["config"]}))
     with pytest.raises(RunError, match="does not fit the model"):
         evaluate(tmp_path)
 
