@@ -20,7 +20,6 @@ Usage: ``python benchmarks/grad_variance.py --data-dir DIR`` (or ``PYRO_VDROP_MN
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -37,6 +36,7 @@ from pyro_vdrop.distributions import ImproperLogUniform
 from pyro_vdrop.infer import AutoVariationalDropout
 from pyro_vdrop.infer.gradient_variance import GRADIENT_ESTIMATORS, gradient_variance
 from pyro_vdrop.poutine import local_reparam
+from pyro_vdrop.util import environment
 
 
 def load(data_dir, train_size):
@@ -184,12 +184,7 @@ def main():
         "seconds_per_epoch": epoch_time,
         "total_seconds": time.time() - t0,
         "versions": {"torch": torch.__version__, "pyro": pyro.__version__, "pyro_vdrop": pyro_vdrop.__version__},
-        "machine": {
-            "platform": platform.platform(),
-            "cpus": os.cpu_count(),
-            "threads": torch.get_num_threads(),
-            "load_average": os.getloadavg(),
-        },
+        "machine": environment(),
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(record, indent=2) + "\n")

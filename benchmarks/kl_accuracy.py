@@ -22,7 +22,7 @@ import torch
 from scipy import integrate
 
 from pyro_vdrop.distributions import log_uniform_kl
-from pyro_vdrop.train import environment
+from pyro_vdrop.util import environment
 
 
 def expected_log_abs(alpha):

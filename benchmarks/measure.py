@@ -29,6 +29,8 @@ import time
 
 import torch
 
+from pyro_vdrop.util import environment
+
 MIB = 2**20
 _M_TRIM_THRESHOLD = -1  # glibc mallopt parameters (malloc.h)
 _M_MMAP_THRESHOLD = -3
@@ -52,31 +54,9 @@ def versions():
     return out
 
 
-def cpu_model():
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
 def machine(device):
-    """The machine: platform, CPU count and model, load average, torch threads and the device used."""
-    info = {
-        "platform": platform.platform(),
-        "cpus": os.cpu_count(),
-        "cpu_model": cpu_model(),
-        "load_average": list(os.getloadavg()),
-        "torch_threads": torch.get_num_threads(),
-        "device": str(device),
-    }
-    if torch.device(device).type == "cuda":
-        info["cuda_device_name"] = torch.cuda.get_device_name(device)
-        info["cuda_version"] = torch.version.cuda
-    return info
+    """The machine, in the schema of every run and benchmark record (:func:`pyro_vdrop.util.environment`)."""
+    return environment(device)
 
 
 def _sync(device):

@@ -21,7 +21,7 @@ from pyro.infer import SVI, TraceMeanField_ELBO
 
 from pyro_vdrop.distributions import ImproperLogUniform
 from pyro_vdrop.infer import AutoVariationalDropout, AutoVariationalDropoutMessenger
-from pyro_vdrop.train import environment
+from pyro_vdrop.util import environment
 
 
 def model(x, y=None):

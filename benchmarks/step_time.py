@@ -32,7 +32,6 @@ Usage: ``python benchmarks/step_time.py [--steps 100] [--warmup 10] [--threads 2
 
 import argparse
 import json
-import os
 import platform
 import statistics
 import sys
@@ -55,6 +54,7 @@ from pyro_vdrop.distributions import ImproperLogUniform  # noqa: E402
 from pyro_vdrop.infer import AutoVariationalDropout  # noqa: E402
 from pyro_vdrop.optim import JointOptim  # noqa: E402
 from pyro_vdrop.poutine import local_reparam  # noqa: E402
+from pyro_vdrop.util import environment  # noqa: E402
 
 SIZES = (784, 300, 100, 10)
 NUM_DATA = 60000
@@ -189,12 +189,7 @@ def main():
             "pyro": pyro.__version__,
             "pyro_vdrop": pyro_vdrop.__version__,
         },
-        "machine": {
-            "platform": platform.platform(),
-            "processor": platform.processor(),
-            "cpus": os.cpu_count(),
-            "load_average": os.getloadavg(),
-        },
+        "machine": environment(),
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(record, indent=2) + "\n")

@@ -53,10 +53,11 @@ def _header(record):
     m, v = record["machine"], record["versions"]
     s = record["settings"]
     device = m.get("cuda_device_name") or m["cpu_model"]
+    cpus = m.get("cpu_count", m.get("cpus"))  # records before environment() said "cpus"
     load = ", ".join(f"{x:.1f}" for x in m["load_average"][:1] + m.get("load_average_end", [])[:1])
     peers = f"bayesian-torch {v['bayesian_torch']}, TyXe {v['tyxe']}"
     return (
-        f"`{record['command']}` — {s['device']} ({device}), {m['cpus']} CPUs, {s['threads']} torch thread(s), "
+        f"`{record['command']}` — {s['device']} ({device}), {cpus} CPUs, {s['threads']} torch thread(s), "
         f"load average {load} (start, end); Python {v['python']}, torch {v['torch']}, Pyro {v['pyro']}, "
         f"pyro-vdrop {v['pyro_vdrop']}, {peers}." + (" **Quick mode: not numbers.**" if s.get("quick") else "")
     )

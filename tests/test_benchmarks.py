@@ -30,7 +30,7 @@ def test_quick_step_suite(tmp_path):
         assert key in record
     assert record["command"].startswith("python -m benchmarks.run")
     assert record["versions"]["torch"] == torch.__version__
-    for key in ("platform", "cpus", "cpu_model", "load_average", "device"):
+    for key in ("platform", "cpu_count", "cpu_model", "load_average", "device", "torch", "pyro", "pyro_vdrop"):
         assert key in record["machine"]
     (comparison,) = record["comparisons"]
     assert (comparison["model"], comparison["batch_size"]) == ("linear512", 32)

@@ -14,8 +14,8 @@ from pyro_vdrop.train import (
     CHECKPOINT_FILE,
     LOCK_FILE,
     RunError,
+    Session,
     TrainConfig,
-    _Session,
     fit,
     launch,
     load_checkpoint,
@@ -76,7 +76,7 @@ def test_processes_hold_identical_parameters(lrt_run):
         assert torch.equal(rank1["params"][name], value), name
 
     # not vacuous: training moved the parameters, and the processes drew different noise on different data
-    _Session(tiny(), device=torch.device("cpu"))  # the initialisation: same seed
+    Session(tiny(), device=torch.device("cpu"))  # the initialisation: same seed
     initial = {k: v.detach() for k, v in pyro.get_param_store().named_parameters()}
     assert sorted(initial) == sorted(saved)
     moved = {k: not torch.allclose(saved[k], v, atol=1e-3) for k, v in initial.items()}

@@ -22,13 +22,14 @@ from pyro_vdrop.train import (
     METRICS_JSONL,
     RunError,
     TrainConfig,
-    _encode_checkpoint,
     evaluate,
     fit,
     load_checkpoint,
     lock_run,
     run_in_progress,
 )
+from pyro_vdrop.train.distributed import private_folder
+from pyro_vdrop.train.run_dir import decode_checkpoint, encode_checkpoint, rng_state
 
 TINY = ["--model", "mlp", "--width", "16", "--train-subset", "120", "--test-subset", "60", "--batch-size", "40"]
 TINY += ["--kl-warmup", "1", "--pretrain-epochs", "0", "--no-progress"]
@@ -88,7 +89,7 @@ def test_malicious_checkpoint_is_refused(copy, tmp_path, capsys, how, command):
     marker = tmp_path / "pwned"
     path = copy / CHECKPOINT_FILE
     if how == "torch.save":  # a real checkpoint with one extra key
-        state = _encode_checkpoint(load_checkpoint(path))
+        state = encode_checkpoint(load_checkpoint(path))
         torch.save({**state, "extra": Payload(marker)}, path)
     else:
         with open(path, "wb") as f:
@@ -122,11 +123,9 @@ def test_rng_state_round_trips_exactly():
 
     import numpy as np
 
-    from pyro_vdrop.train import _decode_checkpoint, _rng_state
-
     np.random.rand(3), random.random(), np.random.randn()  # a cached Gaussian in numpy's state
-    rng = _rng_state()
-    decoded = _decode_checkpoint(_encode_checkpoint({"param_store": {"params": {}, "constraints": {}}, "rng": rng}))
+    rng = rng_state()
+    decoded = decode_checkpoint(encode_checkpoint({"param_store": {"params": {}, "constraints": {}}, "rng": rng}))
     back = decoded["rng"]
     assert torch.equal(back["torch"], rng["torch"])
     assert back["python"] == rng["python"]
@@ -345,9 +344,7 @@ def test_threshold_must_be_finite(run, capsys, value):
 
 
 def test_launcher_folder_is_private():
-    from pyro_vdrop.train import _private_folder
-
-    with _private_folder() as folder:
+    with private_folder() as folder:
         info = os.lstat(folder)
         assert info.st_mode & 0o777 == 0o700 and info.st_uid == os.getuid()
     assert not os.path.exists(folder)

@@ -16,10 +16,10 @@ from pyro_vdrop.train import (
     METRIC_KEYS,
     METRICS_CSV,
     METRICS_JSONL,
+    ObservedLogits,
     RunError,
+    Session,
     TrainConfig,
-    _ObservedLogits,
-    _Session,
     estimator_handler,
     evaluate,
     fit,
@@ -126,7 +126,7 @@ def test_resume_differs_without_restored_rng(tmp_path, monkeypatch):
     fit(config, tmp_path / "full", progress=False)
     with pytest.raises(Interrupt):
         fit(config, tmp_path / "cut", progress=False, callback=_interrupt_at(5))
-    monkeypatch.setattr("pyro_vdrop.train._set_rng_state", lambda state: None)
+    monkeypatch.setattr("pyro_vdrop.train.loop.set_rng_state", lambda state: None)
     fit(None, tmp_path / "cut", resume=True, progress=False)
     a = load_checkpoint(tmp_path / "full" / CHECKPOINT_FILE)["param_store"]["params"]
     b = load_checkpoint(tmp_path / "cut" / CHECKPOINT_FILE)["param_store"]["params"]
@@ -178,7 +178,7 @@ def test_kl_weight_schedule():
 def test_objective_is_scaled_data_term_minus_weighted_kl(guide, estimator):
     # The loss of one step is -(N/M Σ log p(y|x,w) - β · kl_scale · KL): data term scaled once, KL counted once.
     config = tiny(guide=guide, estimator=estimator)
-    session = _Session(config, device=torch.device("cpu"))
+    session = Session(config, device=torch.device("cpu"))
     beta = 0.3
     session.guide.kl_scale = session.kl_scale * beta
     x, y = session.x_train[:50], session.y_train[:50]
@@ -194,7 +194,7 @@ def test_objective_is_scaled_data_term_minus_weighted_kl(guide, estimator):
 
 def test_mean_estimator_uses_the_posterior_means():
     # the noise-free diagnostic: the data term sees θ itself; with the LRT the same step sees noisy pre-activations
-    session = _Session(tiny(estimator="mean"), device=torch.device("cpu"))
+    session = Session(tiny(estimator="mean"), device=torch.device("cpu"))
     x, y = session.x_train[:50], session.y_train[:50]
     theta = {name: value.detach() for name, value in session.guide.median().items()}
     expected = predict_logits(session.model, x, y, params=theta).log_softmax(-1)  # Categorical normalizes logits
@@ -289,7 +289,7 @@ def test_evaluate_rejects_checkpoint_of_another_model(trained_run, tmp_path):
 
 
 def test_recorder_picks_the_categorical_observation():
-    recorder = _ObservedLogits()
+    recorder = ObservedLogits()
     logits = torch.randn(5, 3)
     y = torch.tensor([0, 1, 2, 0, 1])
 
