@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .idx import IDXFormatError, read_idx, to_tensors
+from .idx import NUM_CLASSES, IDXFormatError, read_idx, to_tensors
 
 ENV_VAR = "PYRO_VDROP_MNIST_DIR"
 
@@ -58,7 +58,6 @@ MNIST_MIRRORS = (
 
 # the number of dimensions of each kind of MNIST IDX file (see pyro_vdrop.datasets.idx)
 _IDX_NDIM = {"images": 3, "labels": 1}
-_NUM_CLASSES = 10
 _DOWNLOAD_CHUNK = 1 << 16
 
 _HELP = (
@@ -254,7 +253,7 @@ def load_mnist_arrays(
     labels = read_mnist_file(label_path, kind="labels")
     if images.shape[0] != labels.shape[0]:
         raise MNISTFileError(f"{image_path} holds {images.shape[0]} images but {label_path} {labels.shape[0]} labels")
-    if labels.size and labels.max() >= _NUM_CLASSES:
+    if labels.size and labels.max() >= NUM_CLASSES:
         raise MNISTFileError(f"{label_path}: label {labels.max()} is not a digit 0-9; the file is corrupt")
     return images, labels
 

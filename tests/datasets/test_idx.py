@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import pyro_vdrop.datasets
-from pyro_vdrop.datasets.idx import IDX_UBYTE, IDXFormatError, read_idx, to_tensors
+from pyro_vdrop.datasets.idx import IDX_UBYTE, IDXFormatError, check_images_and_labels, read_idx, to_tensors
 
 
 def idx_bytes(array: np.ndarray, *, type_code: int = IDX_UBYTE) -> bytes:
@@ -54,6 +54,42 @@ def test_to_tensors(flatten, dtype, device):
     np.testing.assert_array_equal(y.cpu().numpy(), labels)
     with pytest.raises(ValueError, match="dtype must be a floating point dtype"):
         to_tensors(images, labels, dtype=torch.int32)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
+def test_non_finite_images_are_rejected_by_name(bad, dtype):
+    images = np.full((4, 3, 3), 128.0, dtype=dtype)
+    images[2, 1, 0] = images[3, 0, 0] = bad
+    labels = np.arange(4)
+    message = r"^images: 2 of its 36 values are NaN or infinite \(the first at index \(2, 1, 0\)\)"
+    with pytest.raises(ValueError, match=message):
+        to_tensors(images, labels)
+    with pytest.raises(ValueError, match=message):
+        check_images_and_labels(torch.from_numpy(images), torch.from_numpy(labels))  # CPU tensors too
+
+
+def test_labels_are_checked_by_name():
+    images = np.zeros((3, 2, 2), dtype=np.uint8)
+    with pytest.raises(ValueError, match=r"^labels: 1 of its 3 values are NaN or infinite"):
+        to_tensors(images, np.array([0.0, np.nan, 1.0]))
+    with pytest.raises(ValueError, match=r"^labels: expected integer class indices, got dtype float64"):
+        to_tensors(images, np.array([0.0, 2.0, 1.0]))
+    with pytest.raises(ValueError, match=r"^labels: 2 of them lie outside the classes 0..9 \(e.g. 10\)"):
+        to_tensors(images, np.array([10, 1, 12]))
+    with pytest.raises(ValueError, match=r"^labels: 1 of them lie outside the classes 0..9 \(e.g. -1\)"):
+        to_tensors(images, np.array([0, -1, 9]))
+    with pytest.raises(ValueError, match=r"^labels: 1 of them lie outside the classes 0..2 \(e.g. 3\)"):
+        to_tensors(images, np.array([0, 3, 2]), num_classes=3)
+    with pytest.raises(ValueError, match=r"^labels: expected one label per image, shape \(3,\), got shape \(2,\)"):
+        to_tensors(images, np.array([0, 1]))
+    with pytest.raises(ValueError, match=r"^images: expected an array N × H × W \(or N × D\), got shape \(3,\)"):
+        to_tensors(np.zeros(3), np.array([0, 1, 2]))
+    # finite floats and integer labels of any width pass; the labels come back as int64
+    x, y = to_tensors(np.full((3, 2, 2), 255.0), np.array([9, 0, 1], dtype=np.uint8), flatten=True)
+    assert torch.equal(x, torch.ones(3, 4)) and torch.equal(y, torch.tensor([9, 0, 1]))
+    x, y = to_tensors(np.zeros((0, 2, 2)), np.zeros(0, dtype=np.int64))
+    assert x.shape == (0, 1, 2, 2) and y.shape == (0,)
 
 
 def test_datasets_modules_import_no_private_names_from_each_other():
