@@ -1,5 +1,8 @@
 # SPDX-License-Identifier: Apache-2.0
-"""Data sets: the MNIST IDX loader (checksums, ``--data-dir``, download) and the small embedded MNIST subset."""
+"""
+Data sets: the MNIST IDX loader (checksums, ``--data-dir``, download) and the small embedded MNIST subset, which
+share the IDX reading and conversion to tensors of :mod:`pyro_vdrop.datasets.idx`.
+"""
 
 from .embedded_mnist import load_embedded_mnist
 from .load_dataset import DATASETS, load_dataset

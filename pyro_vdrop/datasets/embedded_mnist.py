@@ -10,7 +10,8 @@ from importlib import resources
 import numpy as np
 import torch
 
-from .mnist import MNIST_FILES, _to_tensors
+from .idx import to_tensors
+from .mnist import MNIST_FILES
 
 _EMBEDDED_FILE = "embedded_mnist.npz"
 
@@ -61,7 +62,7 @@ def load_embedded_mnist(
     [1] Y. LeCun, C. Cortes, C. J. C. Burges. "The MNIST database of handwritten digits."
     """
     images, labels, indices = _load_npz(split)
-    x, y = _to_tensors(images, labels, flatten=flatten, dtype=dtype, device=device)
+    x, y = to_tensors(images, labels, flatten=flatten, dtype=dtype, device=device)
     if return_indices:
         return x, y, torch.from_numpy(indices.astype(np.int64)).to(device=device)
     return x, y

@@ -20,7 +20,6 @@ A folder named by 1. or 2. is used as is: when the files are not there the loade
 
 import gzip
 import hashlib
-import math
 import os
 import tempfile
 import urllib.request
@@ -30,6 +29,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from .idx import NUM_CLASSES, IDXFormatError, read_idx, to_tensors
 
 ENV_VAR = "PYRO_VDROP_MNIST_DIR"
 
@@ -55,10 +56,8 @@ MNIST_MIRRORS = (
     "http://yann.lecun.com/exdb/mnist/",
 )
 
-# IDX format (LeCun et al.): magic = 0x00 0x00 <type> <ndim>, then ndim big-endian int32 sizes, then the data.
-_IDX_UBYTE = 0x08
+# the number of dimensions of each kind of MNIST IDX file (see pyro_vdrop.datasets.idx)
 _IDX_NDIM = {"images": 3, "labels": 1}
-_NUM_CLASSES = 10
 _DOWNLOAD_CHUNK = 1 << 16
 
 _HELP = (
@@ -110,33 +109,6 @@ def _read_bytes(path: Path, *, gz: bool | None = None) -> bytes:
         ) from e
 
 
-def _parse_idx(data: bytes, path: Path, kind: str) -> np.ndarray:
-    """Checks the IDX header of ``data`` (an images or labels file) and returns its uint8 array."""
-    ndim = _IDX_NDIM[kind]
-    expected_magic = (_IDX_UBYTE << 8) | ndim
-    header = 4 + 4 * ndim
-    if len(data) < header:
-        raise MNISTFileError(
-            f"{path}: {len(data)} bytes, shorter than the {header}-byte IDX header of an MNIST {kind} file; the file "
-            "is truncated. Delete it and download it again (download=True), or replace it with an intact copy."
-        )
-    magic = int.from_bytes(data[:4], "big")
-    if magic != expected_magic:
-        raise MNISTFileError(
-            f"{path}: wrong IDX magic number 0x{magic:08x}, expected 0x{expected_magic:08x} for an MNIST {kind} "
-            f"file; this is not an MNIST {kind} file (or the images and labels files were swapped)."
-        )
-    shape = tuple(int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
-    size = math.prod(shape)
-    if len(data) != header + size:
-        raise MNISTFileError(
-            f"{path}: the IDX header announces shape {shape} ({header + size} bytes) but the (uncompressed) file "
-            f"has {len(data)} bytes; it is truncated or corrupt. Delete it and download it again (download=True), "
-            "or replace it with an intact copy."
-        )
-    return np.frombuffer(data, dtype=np.uint8, offset=header).reshape(shape).copy()  # writable
-
-
 def _check_md5(data: bytes, path: Path, name: str) -> None:
     digest = hashlib.md5(data).hexdigest()
     expected = MNIST_MD5[name]
@@ -165,7 +137,13 @@ def read_mnist_file(path: str | os.PathLike, *, kind: str, verify: bool = True) 
     if not path.is_file():
         raise MNISTFileError(f"{path}: no such file. {_HELP}")
     data = _read_bytes(path)
-    array = _parse_idx(data, path, kind)
+    try:
+        array = read_idx(data, ndim=_IDX_NDIM[kind], name=str(path))
+    except IDXFormatError as e:
+        raise MNISTFileError(
+            f"{e}. This is not an intact MNIST {kind} file (or the images and labels files were swapped): delete it "
+            "and download it again (download=True), or replace it with an intact copy."
+        ) from e
     if verify:
         name = path.name[: -len(".gz")] if path.suffix == ".gz" else path.name
         if name not in MNIST_MD5:
@@ -275,31 +253,9 @@ def load_mnist_arrays(
     labels = read_mnist_file(label_path, kind="labels")
     if images.shape[0] != labels.shape[0]:
         raise MNISTFileError(f"{image_path} holds {images.shape[0]} images but {label_path} {labels.shape[0]} labels")
-    if labels.size and labels.max() >= _NUM_CLASSES:
+    if labels.size and labels.max() >= NUM_CLASSES:
         raise MNISTFileError(f"{label_path}: label {labels.max()} is not a digit 0-9; the file is corrupt")
     return images, labels
-
-
-def _to_tensors(
-    images: np.ndarray,
-    labels: np.ndarray,
-    *,
-    flatten: bool = False,
-    dtype: torch.dtype | None = None,
-    device: torch.device | str | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """
-    Converts uint8 images ``N × 28 × 28`` and labels to tensors: images scaled to :math:`[0, 1]`, shaped
-    ``N × 1 × 28 × 28`` (or ``N × 784`` with ``flatten=True``), labels int64.
-    """
-    dtype = torch.get_default_dtype() if dtype is None else dtype
-    if not dtype.is_floating_point:
-        raise ValueError(f"dtype must be a floating point dtype for the images, got {dtype}")
-    x = torch.from_numpy(np.ascontiguousarray(images)).to(device=device)
-    x = x.to(dtype).div_(255.0)
-    x = x.reshape(x.shape[0], -1) if flatten else x.unsqueeze(1)
-    y = torch.from_numpy(labels.astype(np.int64)).to(device=device)
-    return x, y
 
 
 def load_mnist(
@@ -329,7 +285,7 @@ def load_mnist(
     :raises MNISTFileError: naming the file, if one is missing (and ``download=False``), truncated or corrupt.
     """
     images, labels = load_mnist_arrays(split, data_dir=data_dir, download=download)
-    return _to_tensors(images, labels, flatten=flatten, dtype=dtype, device=device)
+    return to_tensors(images, labels, flatten=flatten, dtype=dtype, device=device)
 
 
 __all__ = [

@@ -5,7 +5,7 @@ from pyro.distributions import TorchDistribution
 from torch.distributions import constraints
 from torch.distributions.utils import _standard_normal
 
-from .util import check_kl_approx, floor_scale
+from .util import check_kl_approx, clamped_exp, floor_scale
 
 
 class CorrelatedVariationalDropoutNormal(TorchDistribution):
@@ -71,12 +71,21 @@ class CorrelatedVariationalDropoutNormal(TorchDistribution):
 
     @property
     def scale(self):
-        """The marginal standard deviation :math:`\\sqrt{\\alpha}|\\theta|` of each weight."""
-        return (0.5 * self.log_alpha).exp() * self.loc.abs()
+        """
+        The marginal standard deviation :math:`\\sqrt{\\alpha}|\\theta|` of each weight, with
+        :math:`\\sqrt{\\alpha}` clamped at the dtype's largest finite number (0 where θ = 0, not NaN, where it
+        overflows).
+        """
+        return clamped_exp(0.5 * self.log_alpha) * self.loc.abs()
 
     @property
     def variance(self):
-        return self.log_alpha.exp() * self.loc.pow(2)
+        """
+        The marginal variance :math:`\\alpha\\theta^2` of each weight, with :math:`\\alpha` clamped at the dtype's
+        largest finite number as in :attr:`VariationalDropoutNormal.variance` (0 where θ = 0, not NaN, where
+        :math:`\\exp(\\log\\alpha)` overflows).
+        """
+        return clamped_exp(self.log_alpha) * self.loc.pow(2)
 
     @property
     def alpha(self):
@@ -91,7 +100,10 @@ class CorrelatedVariationalDropoutNormal(TorchDistribution):
         shape = self._extended_shape(sample_shape)
         noise_shape = torch.Size(sample_shape) + self.noise_shape
         eps = _standard_normal(noise_shape, dtype=self.loc.dtype, device=self.loc.device)
-        s = 1 + (0.5 * self._noise_log_alpha()).exp() * eps
+        # the noise is clamped to the dtype's finite range, so that θ = 0 gives w = 0 (not inf * 0 = NaN) where
+        # sqrt(α) ε overflows
+        big = torch.finfo(self.loc.dtype).max
+        s = (1 + clamped_exp(0.5 * self._noise_log_alpha()) * eps).clamp(-big, big)
         return (self.loc * s).expand(shape)
 
     def sample(self, sample_shape=torch.Size()):

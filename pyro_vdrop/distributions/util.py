@@ -24,6 +24,34 @@ def safe_log_abs(x):
     return x.abs().clamp(min=torch.finfo(x.dtype).tiny).log()
 
 
+class _ClampedExp(torch.autograd.Function):
+    """
+    ``exp(x)`` clamped at the dtype's largest finite number, with the gradient of ``exp`` at the clamped value
+    (``grad * y``, finite, where autograd of ``exp().clamp()`` gives ``0 * inf = NaN`` where ``exp`` overflows).
+    The backward pass is itself differentiable (``y`` is a saved output).
+    """
+
+    @staticmethod
+    def forward(ctx, x):
+        y = x.exp().clamp_(max=torch.finfo(x.dtype).max)
+        ctx.save_for_backward(y)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):
+        (y,) = ctx.saved_tensors
+        return grad * y
+
+
+def clamped_exp(x):
+    """
+    ``exp(x)`` clamped at the largest finite number of its dtype, so that where it overflows (``x`` above about
+    88.7 in float32, 709.8 in float64) its product with 0 is 0, not ``inf * 0 = NaN``, and so is the gradient
+    through such a product. Equal to ``exp(x)``, with the same gradient, wherever that is finite; NaN stays NaN.
+    """
+    return _ClampedExp.apply(x)
+
+
 def floor_scale(scale):
     """
     A standard deviation floored where its square is still a normal number of its dtype, so that a zero

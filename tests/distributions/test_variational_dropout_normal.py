@@ -196,3 +196,61 @@ def test_additive_log_alpha_gradients():
 
     assert torch.autograd.gradcheck(fn, (away, log_sigma2))
     assert torch.autograd.gradgradcheck(fn, (away, log_sigma2))
+
+
+def _unclamped_variance(loc, log_alpha):
+    # the formula before α was clamped, in the same order of operations: (exp(log α) θ) θ
+    return log_alpha.exp() * loc * loc
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_variance_where_alpha_overflows(dtype, device):
+    # exp(log α) = inf: θ = 0 gave inf * 0 = NaN in the variance and its gradients; it must be 0
+    big = math.log(torch.finfo(dtype).max) + 10  # 98.7 in float32: the log α = 100
+    kw = dict(dtype=dtype, device=device)
+    loc = torch.tensor([0.0, 0.0, -0.0, 0.5, -2.0], **kw).requires_grad_()
+    log_alpha = torch.tensor([big, 2 * big, big, big, -1.0], **kw).requires_grad_()
+    for d in (VariationalDropoutNormal(loc, log_alpha), CorrelatedVariationalDropoutNormal(loc, log_alpha)):
+        variance = d.variance
+        assert (variance[:3] == 0).all()
+        assert torch.isfinite(variance[3]) and variance[3] > 0
+        for grad in torch.autograd.grad(variance.sum(), (loc, log_alpha)):
+            assert (grad[:3] == 0).all() and torch.isfinite(grad).all()
+        # √α overflows too (log α = 2·big): the scale is floored, not NaN, and so is log_prob
+        assert torch.isfinite(d.scale).all() and (d.scale[:3] <= torch.finfo(dtype).tiny ** 0.5).all()
+        assert torch.isfinite(d.log_prob(torch.zeros(5, **kw))).all()
+        for grad in torch.autograd.grad(d.scale.sum(), (loc, log_alpha)):
+            assert torch.isfinite(grad).all()
+        w = d.rsample([100])
+        assert torch.isfinite(w[:, :3]).all()
+        if isinstance(d, CorrelatedVariationalDropoutNormal):  # w = θ s: exactly 0 (the other adds floor * ε)
+            assert (w[:, :3] == 0).all()
+    # the second-order node too: every second derivative that involves log α is αθ² or 2αθ, 0 at θ = 0
+    # (∂²/∂θ² = 2α is not: it is 2 α_max = inf in either dtype)
+    g_loc, g_log_alpha = torch.autograd.grad(
+        VariationalDropoutNormal(loc, log_alpha).variance.sum(), (loc, log_alpha), create_graph=True
+    )
+    second = torch.autograd.grad(g_log_alpha.sum(), (loc, log_alpha), retain_graph=True)
+    second += torch.autograd.grad(g_loc.sum(), log_alpha)
+    for grad in second:
+        assert (grad[:3] == 0).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_variance_is_unchanged_where_alpha_is_finite(dtype):
+    # clamping α changes nothing, bit for bit, in values or gradients where exp(log α) does not overflow
+    torch.manual_seed(0)
+    limit = math.log(torch.finfo(dtype).max)
+    loc = (torch.randn(1000, dtype=dtype) * 10.0 ** torch.randint(-20, 3, (1000,))).requires_grad_()
+    log_alpha = (torch.rand(1000, dtype=dtype) * (limit + 30) - 30).requires_grad_()
+    assert (log_alpha < limit).all()
+    weights = torch.randn(1000, dtype=dtype)
+    actual = VariationalDropoutNormal(loc, log_alpha).variance
+    expected = _unclamped_variance(loc, log_alpha)
+    assert torch.equal(actual, expected)
+    grads = torch.autograd.grad((actual * weights).sum(), (loc, log_alpha))
+    reference = (2 * log_alpha.exp() * loc * weights, expected * weights)
+    for a, e in zip(grads, reference):
+        finite = torch.isfinite(e)
+        assert finite.float().mean() > 0.9
+        assert torch.equal(a[finite], e[finite].detach())
