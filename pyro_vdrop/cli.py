@@ -29,56 +29,30 @@ from pathlib import Path
 
 import torch
 
-from pyro_vdrop.train import (
-    DEVICES,
-    ESTIMATORS,
-    GUIDES,
-    LR_DECAYS,
-    MODELS,
-    PRUNE_THRESHOLD,
-    Rank0Error,
-    RunError,
-    TrainConfig,
-)
+from pyro_vdrop.train import DEVICES, PRUNE_THRESHOLD, Rank0Error, RunError, TrainConfig
+from pyro_vdrop.train.config import VALUE_KINDS
 
-_DEFAULTS = TrainConfig()
 _EXIT_ERROR = 2
 _EXIT_IO_ERROR = 1
 _EXIT_INTERRUPTED = 130
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
+def _parse(kind: str):
+    """An argparse ``type`` for a value of ``kind`` (a key of :data:`~pyro_vdrop.train.config.VALUE_KINDS`): the
+    same test as :class:`TrainConfig`'s."""
+    test, words = VALUE_KINDS[kind]
+    convert = int if kind.endswith("_int") else float
 
-
-def _non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}")
-    return value
-
-
-def _number(low: float, *, low_open: bool, high: float | None = None):
-    def parse(text: str) -> float:
+    def parse(text: str):
         try:
-            value = float(text)
+            value = convert(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-        bad = value != value or (value <= low if low_open else value < low) or (high is not None and value >= high)
-        if bad:
-            interval = f"{'(' if low_open else '['}{low:g}, {'∞' if high is None else f'{high:g}'})"
-            raise argparse.ArgumentTypeError(f"expected a number in {interval}, got {text!r}")
+            value = None
+        if value is None or not test(value):
+            raise argparse.ArgumentTypeError(f"expected {words}, got {text!r}")
         return value
 
+    parse.__name__ = kind  # argparse names the type in some messages
     return parse
 
 
@@ -92,8 +66,23 @@ def _finite_float(text: str) -> float:
     return value
 
 
-def _default(name: str) -> str:
-    return f" (default: {getattr(_DEFAULTS, name)})"
+def _add_config_options(fit: argparse.ArgumentParser) -> None:
+    """One option per field of :class:`TrainConfig`, from its metadata (help, choices, kind of value, group).
+
+    They default to None so that an explicitly given option can be told from a default (``--resume`` checks them
+    against the run); :class:`TrainConfig` supplies the defaults and validates again."""
+    groups = {}
+    for field in dataclasses.fields(TrainConfig):
+        meta = field.metadata
+        group = groups.get(meta["group"]) or groups.setdefault(meta["group"], fit.add_argument_group(meta["group"]))
+        kwargs = {"help": meta["help"] + ("" if field.default is None else f" (default: {field.default})")}
+        if meta["choices"] is not None:
+            kwargs["choices"] = meta["choices"]
+        if meta["kind"] is not None:
+            kwargs["type"] = _parse(meta["kind"])
+        if meta["metavar"] is not None:
+            kwargs["metavar"] = meta["metavar"]
+        group.add_argument("--" + field.name.replace("_", "-"), **kwargs)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -107,8 +96,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    # Options of fit default to None so that an explicitly given option can be told from a default (--resume
-    # checks them against the run); TrainConfig supplies the defaults.
     fit = commands.add_parser(
         "fit",
         help="train a network with variational dropout",
@@ -117,59 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
         "about a minute on 2 CPU cores. Checkpoints and metrics go to --out after every epoch.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    net = fit.add_argument_group("network and data")
-    net.add_argument("--model", choices=MODELS, help="network" + _default("model"))
-    net.add_argument("--width", type=_positive_int, help="hidden units per layer of --model mlp" + _default("width"))
-    net.add_argument("--dataset", choices=("embedded", "mnist"), help="data set" + _default("dataset"))
-    net.add_argument("--data-dir", metavar="DIR", help="folder of the MNIST IDX files (default: $PYRO_VDROP_MNIST_DIR)")
-    net.add_argument("--train-subset", type=_positive_int, metavar="N", help="train on a seeded subset of N images")
-    net.add_argument("--test-subset", type=_positive_int, metavar="N", help="test on a seeded subset of N images")
-    var = fit.add_argument_group("variational dropout")
-    var.add_argument(
-        "--guide",
-        choices=GUIDES,
-        help="posterior: sparse (Molchanov et al. 2017), A / A2 / B (Kingma et al. 2015), or gaussian-dropout with "
-        "fixed alpha = p/(1-p)" + _default("guide"),
-    )
-    var.add_argument(
-        "--dropout-p",
-        type=_number(0.0, low_open=True, high=1.0),
-        metavar="P",
-        help="Bernoulli-equivalent dropout rate of --guide gaussian-dropout" + _default("dropout_p"),
-    )
-    var.add_argument(
-        "--estimator",
-        choices=ESTIMATORS,
-        help="gradient estimator: local reparameterization, Flipout, one weight sample per minibatch, or mean (a "
-        "noise-free diagnostic: the posterior means, no dropout noise)" + _default("estimator"),
-    )
-    opt = fit.add_argument_group("optimisation")
-    opt.add_argument("--epochs", type=_positive_int, help="passes over the training data" + _default("epochs"))
-    opt.add_argument("--batch-size", type=_positive_int, metavar="M", help="minibatch size" + _default("batch_size"))
-    opt.add_argument("--lr", type=_number(0.0, low_open=True), help="Adam's learning rate" + _default("lr"))
-    opt.add_argument(
-        "--lr-decay", choices=LR_DECAYS, help="learning-rate schedule (linear: to 0 at the end)" + _default("lr_decay")
-    )
-    opt.add_argument(
-        "--kl-warmup",
-        type=_number(0.0, low_open=False),
-        metavar="EPOCHS",
-        help="epochs over which the KL weight rises from 0 to 1 (0: none)" + _default("kl_warmup"),
-    )
-    opt.add_argument(
-        "--kl-warmup-start",
-        type=_number(0.0, low_open=False),
-        metavar="EPOCH",
-        help="epoch at which the KL warm-up starts" + _default("kl_warmup_start"),
-    )
-    opt.add_argument(
-        "--pretrain-epochs",
-        type=_non_negative_int,
-        metavar="N",
-        help="epochs of plain training whose weights initialise the posterior means" + _default("pretrain_epochs"),
-    )
-    opt.add_argument("--seed", type=_non_negative_int, help="random seed" + _default("seed"))
-    opt.add_argument("--device", choices=DEVICES, help="where to compute" + _default("device"))
+    _add_config_options(fit)
     run = fit.add_argument_group("run directory")
     run.add_argument(
         "--out", metavar="DIR", help="run directory for checkpoints and metrics (default: runs/<model>-<guide>-<time>)"
@@ -179,7 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
     run.add_argument(
         "--threads",
-        type=_positive_int,
+        type=_parse("positive_int"),
         metavar="N",
         help="torch CPU threads (per process; default: torch's, or the CPUs divided by --nproc)",
     )
@@ -189,7 +124,9 @@ def build_parser() -> argparse.ArgumentParser:
         "minibatch, each process takes an equal share of it, and process 0 writes the run directory. Start the "
         "processes with --nproc, or with 'torchrun --nproc_per_node N -m pyro_vdrop.cli fit ...'.",
     )
-    par.add_argument("--nproc", type=_positive_int, metavar="N", help="train in N local processes (default: 1)")
+    par.add_argument(
+        "--nproc", type=_parse("positive_int"), metavar="N", help="train in N local processes (default: 1)"
+    )
 
     ev = commands.add_parser(
         "evaluate",
@@ -198,17 +135,21 @@ def build_parser() -> argparse.ArgumentParser:
         "--threshold pruned, and with the Monte Carlo posterior predictive; written to evaluation.json.",
     )
     ev.add_argument("--run", metavar="DIR", required=True, help="a run directory written by 'pyro-vdrop fit'")
-    ev.add_argument("--num-samples", type=_positive_int, default=10, metavar="S", help="posterior draws (default: 10)")
+    ev.add_argument(
+        "--num-samples", type=_parse("positive_int"), default=10, metavar="S", help="posterior draws (default: 10)"
+    )
     ev.add_argument(
         "--threshold",
         type=_finite_float,
         default=PRUNE_THRESHOLD,
         help=f"pruning threshold on log α (default: {PRUNE_THRESHOLD})",
     )
-    ev.add_argument("--seed", type=_non_negative_int, default=0, help="seed of the Monte Carlo draws (default: 0)")
+    ev.add_argument(
+        "--seed", type=_parse("non_negative_int"), default=0, help="seed of the Monte Carlo draws (default: 0)"
+    )
     ev.add_argument("--device", choices=DEVICES, help="where to compute (default: the run's)")
     ev.add_argument("--data-dir", metavar="DIR", help="folder of the MNIST IDX files (default: the run's)")
-    ev.add_argument("--threads", type=_positive_int, metavar="N", help="torch CPU threads (default: torch's)")
+    ev.add_argument("--threads", type=_parse("positive_int"), metavar="N", help="torch CPU threads (default: torch's)")
 
     rep = commands.add_parser(
         "report",
@@ -218,7 +159,9 @@ def build_parser() -> argparse.ArgumentParser:
         "(pip install 'pyro-vdrop[plot]').",
     )
     rep.add_argument("--run", metavar="DIR", required=True, help="a run directory written by 'pyro-vdrop fit'")
-    rep.add_argument("--max-units", type=_positive_int, default=100, help="units shown in the mask grid (default: 100)")
+    rep.add_argument(
+        "--max-units", type=_parse("positive_int"), default=100, help="units shown in the mask grid (default: 100)"
+    )
     rep.add_argument(
         "--threshold",
         type=_finite_float,

@@ -167,3 +167,25 @@ def test_killed_process_resumes_to_the_same_parameters(tmp_path):
     assert a["epoch"] == b["epoch"] == 4
     for name, value in b["param_store"]["params"].items():
         assert torch.allclose(a["param_store"]["params"][name], value, rtol=0, atol=1e-6), name
+
+
+def test_fit_options_come_from_train_config():
+    # one option per TrainConfig field, with its choices, and the same validation as TrainConfig's
+    import argparse
+    import dataclasses
+
+    from pyro_vdrop.cli import build_parser
+    from pyro_vdrop.train import TrainConfig
+
+    parser = build_parser()
+    fit = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices["fit"]
+    options = {action.dest: action for action in fit._actions}
+    for field in dataclasses.fields(TrainConfig):
+        action = options[field.name]
+        assert action.default is None, field.name  # given options are told from defaults
+        assert tuple(action.choices or ()) == tuple(field.metadata["choices"] or ()), field.name
+        if field.metadata["kind"] is not None:
+            with pytest.raises(argparse.ArgumentTypeError):
+                action.type("-1")
+            with pytest.raises(ValueError, match=f"{field.name} must be"):
+                TrainConfig(**{field.name: -1})

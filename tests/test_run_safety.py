@@ -28,8 +28,8 @@ from pyro_vdrop.train import (
     lock_run,
     run_in_progress,
 )
+from pyro_vdrop.train.checkpoint import decode_checkpoint, encode_checkpoint, rng_state
 from pyro_vdrop.train.distributed import private_folder
-from pyro_vdrop.train.run_dir import decode_checkpoint, encode_checkpoint, rng_state
 
 TINY = ["--model", "mlp", "--width", "16", "--train-subset", "120", "--test-subset", "60", "--batch-size", "40"]
 TINY += ["--kl-warmup", "1", "--pretrain-epochs", "0", "--no-progress"]

@@ -30,8 +30,8 @@ Under ``torchrun`` (or any launcher that initialises the default :mod:`torch.dis
 :func:`fit` trains data-parallel by itself; see its docstring.
 
 The package keeps one concern per module: :mod:`~pyro_vdrop.train.config` (the configuration),
-:mod:`~pyro_vdrop.train.components` (data, network, model, guide), :mod:`~pyro_vdrop.train.run_dir` (files,
-checkpoints, the lock), :mod:`~pyro_vdrop.train.session` (the live objects of a run),
+:mod:`~pyro_vdrop.train.components` (data, network, model, guide), :mod:`~pyro_vdrop.train.run_dir` (atomic
+files, metrics, the lock), :mod:`~pyro_vdrop.train.checkpoint` (plain-data checkpoints), :mod:`~pyro_vdrop.train.session` (the live objects of a run),
 :mod:`~pyro_vdrop.train.loop` (:func:`fit`), :mod:`~pyro_vdrop.train.evaluation`,
 :mod:`~pyro_vdrop.train.distributed` and :mod:`~pyro_vdrop.train.report`.
 
@@ -43,6 +43,7 @@ checkpoints, the lock), :mod:`~pyro_vdrop.train.session` (the live objects of a 
     Networks." ICML 2017.
 """
 
+from pyro_vdrop.train.checkpoint import CHECKPOINT_VERSION, convert_checkpoint, load_checkpoint, save_checkpoint
 from pyro_vdrop.train.components import (
     build_guide,
     build_model,
@@ -77,7 +78,6 @@ from pyro_vdrop.train.loop import check_batch_size, fit
 from pyro_vdrop.train.report import write_report
 from pyro_vdrop.train.run_dir import (
     CHECKPOINT_FILE,
-    CHECKPOINT_VERSION,
     CONFIG_FILE,
     EVALUATION_FILE,
     LOCK_FILE,
@@ -88,12 +88,9 @@ from pyro_vdrop.train.run_dir import (
     REPORT_FILE,
     RUN_FILES,
     SUMMARY_FILE,
-    convert_checkpoint,
-    load_checkpoint,
     lock_run,
     read_metrics,
     run_in_progress,
-    save_checkpoint,
     write_metrics,
 )
 from pyro_vdrop.train.session import ObservedLogits, Session

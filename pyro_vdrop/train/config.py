@@ -9,34 +9,62 @@ import math
 from pyro_vdrop.train.errors import RunError
 
 MODELS = ("mlp", "lenet300", "lenet5")
-
-
+DATASETS = ("embedded", "mnist")
 GUIDES = ("sparse", "A", "A2", "B", "gaussian-dropout")
-
-
 ESTIMATORS = ("lrt", "flipout", "single-sample", "mean")
-
-
 DEVICES = ("auto", "cpu", "cuda")
-
-
 LR_DECAYS = ("linear", "none")
-
 
 #: Weights with :math:`\log\alpha` above this are pruned (Molchanov et al. [2], §4.3).
 PRUNE_THRESHOLD = 3.0
-
-
 #: "A2" is variant A with the KL term scaled down by a factor of 3 (Kingma et al. [1], §5).
 A2_KL_SCALE = 1.0 / 3.0
-
-
 #: Sparse VD clips :math:`\log\alpha` to this interval inside the KL (Molchanov et al. [2], §4.1).
 SPARSE_LOG_ALPHA_CLIP = (-8.0, 8.0)
 
-
 #: Options that may differ when a run is resumed or evaluated (where the data is, where to compute).
 RUNTIME_FIELDS = ("data_dir", "device")
+
+#: The kinds of value an option takes: a test and the words for it (shared by :class:`TrainConfig` and the command).
+VALUE_KINDS = {
+    "positive_int": (lambda v: _is_int(v) and v >= 1, "a positive integer"),
+    "non_negative_int": (lambda v: _is_int(v) and v >= 0, "a non-negative integer"),
+    "positive_number": (lambda v: _is_number(v) and v > 0, "a number in (0, ∞)"),
+    "non_negative_number": (lambda v: _is_number(v) and v >= 0, "a number in [0, ∞)"),
+    "probability": (lambda v: _is_number(v) and 0 < v < 1, "a number in (0, 1)"),
+}
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def option(default, help: str, *, choices=None, kind=None, metavar=None, group: str):
+    """
+    A field of :class:`TrainConfig` with what the command line needs to offer it: ``help``, the allowed
+    ``choices`` or the ``kind`` of value (a key of :data:`VALUE_KINDS`), a ``metavar`` and the help ``group``.
+    :meth:`TrainConfig.__post_init__` validates with the same ``choices`` and ``kind``, so the two never disagree.
+    """
+    metadata = {"help": help, "choices": choices, "kind": kind, "metavar": metavar, "group": group}
+    return dataclasses.field(default=default, metadata=metadata)
+
+
+def check_option(field: dataclasses.Field, value) -> None:
+    """Raises a ``ValueError`` naming the option unless ``value`` is allowed for ``field`` of :class:`TrainConfig`
+    (None is allowed where the default is None)."""
+    if value is None and field.default is None:
+        return
+    choices, kind = field.metadata.get("choices"), field.metadata.get("kind")
+    if choices is not None and value not in choices:
+        raise ValueError(f"{field.name} must be one of {', '.join(choices)}; got {value!r}")
+    if kind is not None:
+        test, words = VALUE_KINDS[kind]
+        if not test(value):
+            raise ValueError(f"{field.name} must be {words}; got {value!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,54 +105,77 @@ class TrainConfig:
     :param str device: ``"cpu"``, ``"cuda"`` or ``"auto"`` (CUDA when available).
     """
 
-    model: str = "lenet300"
-    width: int = 1024
-    dataset: str = "embedded"
-    data_dir: str | None = None
-    train_subset: int | None = None
-    test_subset: int | None = None
-    guide: str = "sparse"
-    dropout_p: float = 0.5
-    estimator: str = "lrt"
-    epochs: int = 30
-    batch_size: int = 100
-    lr: float = 3e-3
-    lr_decay: str = "linear"
-    kl_warmup: float = 10.0
-    kl_warmup_start: float = 0.0
-    pretrain_epochs: int = 5
-    seed: int = 0
-    device: str = "auto"
+    model: str = option(
+        "lenet300",
+        "network: the paper's MLP (--width units per layer), LeNet-300-100 or LeNet-5-Caffe",
+        choices=MODELS,
+        group="network and data",
+    )
+    width: int = option(1024, "hidden units per layer of --model mlp", kind="positive_int", group="network and data")
+    dataset: str = option("embedded", "data set", choices=DATASETS, group="network and data")
+    data_dir: str | None = option(
+        None, "folder of the MNIST IDX files (default: $PYRO_VDROP_MNIST_DIR)", metavar="DIR", group="network and data"
+    )
+    train_subset: int | None = option(
+        None, "train on a seeded subset of N images", kind="positive_int", metavar="N", group="network and data"
+    )
+    test_subset: int | None = option(
+        None, "test on a seeded subset of N images", kind="positive_int", metavar="N", group="network and data"
+    )
+    guide: str = option(
+        "sparse",
+        "posterior: sparse (Molchanov et al. 2017), A / A2 / B (Kingma et al. 2015), or gaussian-dropout with fixed "
+        "alpha = p/(1-p)",
+        choices=GUIDES,
+        group="variational dropout",
+    )
+    dropout_p: float = option(
+        0.5,
+        "Bernoulli-equivalent dropout rate of --guide gaussian-dropout",
+        kind="probability",
+        metavar="P",
+        group="variational dropout",
+    )
+    estimator: str = option(
+        "lrt",
+        "gradient estimator: local reparameterization, Flipout, one weight sample per minibatch, or mean (a "
+        "noise-free diagnostic: the posterior means, no dropout noise)",
+        choices=ESTIMATORS,
+        group="variational dropout",
+    )
+    epochs: int = option(30, "passes over the training data", kind="positive_int", group="optimisation")
+    batch_size: int = option(100, "minibatch size", kind="positive_int", metavar="M", group="optimisation")
+    lr: float = option(3e-3, "Adam's learning rate", kind="positive_number", group="optimisation")
+    lr_decay: str = option(
+        "linear", "learning-rate schedule (linear: to 0 at the end)", choices=LR_DECAYS, group="optimisation"
+    )
+    kl_warmup: float = option(
+        10.0,
+        "epochs over which the KL weight rises from 0 to 1 (0: none)",
+        kind="non_negative_number",
+        metavar="EPOCHS",
+        group="optimisation",
+    )
+    kl_warmup_start: float = option(
+        0.0,
+        "epoch at which the KL warm-up starts",
+        kind="non_negative_number",
+        metavar="EPOCH",
+        group="optimisation",
+    )
+    pretrain_epochs: int = option(
+        5,
+        "epochs of plain training whose weights initialise the posterior means",
+        kind="non_negative_int",
+        metavar="N",
+        group="optimisation",
+    )
+    seed: int = option(0, "random seed", kind="non_negative_int", group="optimisation")
+    device: str = option("auto", "where to compute", choices=DEVICES, group="optimisation")
 
     def __post_init__(self):
-        choices = {
-            "model": MODELS,
-            "guide": GUIDES,
-            "estimator": ESTIMATORS,
-            "device": DEVICES,
-            "lr_decay": LR_DECAYS,
-            "dataset": ("embedded", "mnist"),
-        }
-        for name, allowed in choices.items():
-            if getattr(self, name) not in allowed:
-                raise ValueError(f"{name} must be one of {', '.join(allowed)}; got {getattr(self, name)!r}")
-        positive = ("width", "epochs", "batch_size", "train_subset", "test_subset")
-        for name in positive:
-            value = getattr(self, name)
-            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
-                raise ValueError(f"{name} must be a positive integer; got {value!r}")
-        for name in ("pretrain_epochs", "seed"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-                raise ValueError(f"{name} must be a non-negative integer; got {value!r}")
-        if not (math.isfinite(self.lr) and self.lr > 0):
-            raise ValueError(f"lr must be a positive number; got {self.lr!r}")
-        if not 0 < self.dropout_p < 1:
-            raise ValueError(f"dropout_p must lie strictly between 0 and 1; got {self.dropout_p!r}")
-        for name in ("kl_warmup", "kl_warmup_start"):
-            value = getattr(self, name)
-            if not (math.isfinite(value) and value >= 0):
-                raise ValueError(f"{name} must be a non-negative number of epochs; got {value!r}")
+        for field in dataclasses.fields(self):
+            check_option(field, getattr(self, field.name))
         if self.data_dir is not None and self.dataset != "mnist":
             raise ValueError(f"data_dir applies to dataset='mnist' only; got dataset={self.dataset!r}")
 
@@ -178,6 +229,7 @@ def replace_config(config: TrainConfig, changes: dict) -> TrainConfig:
 
 __all__ = [
     "A2_KL_SCALE",
+    "DATASETS",
     "DEVICES",
     "ESTIMATORS",
     "GUIDES",
@@ -188,6 +240,9 @@ __all__ = [
     "RUNTIME_FIELDS",
     "SPARSE_LOG_ALPHA_CLIP",
     "TrainConfig",
+    "VALUE_KINDS",
+    "check_option",
     "kl_weight",
+    "option",
     "replace_config",
 ]

@@ -12,18 +12,11 @@ import pyro
 import torch
 from pyro import poutine
 
+from pyro_vdrop.train.checkpoint import checkpoint_config, load_checkpoint
 from pyro_vdrop.train.components import batches, estimator_handler, select_device
 from pyro_vdrop.train.config import PRUNE_THRESHOLD, replace_config
 from pyro_vdrop.train.errors import RunError
-from pyro_vdrop.train.run_dir import (
-    CHECKPOINT_FILE,
-    EVALUATION_FILE,
-    check_config_file,
-    checkpoint_config,
-    load_checkpoint,
-    run_in_progress,
-    write_json,
-)
+from pyro_vdrop.train.run_dir import CHECKPOINT_FILE, EVALUATION_FILE, check_config_file, run_in_progress, write_json
 from pyro_vdrop.train.session import EVAL_BATCH, Session
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 import pyro
 import torch.distributed as dist
 
+from pyro_vdrop.train.checkpoint import checkpoint_config, load_checkpoint, save_checkpoint, set_rng_state
 from pyro_vdrop.train.components import batches, estimator_handler, select_device
 from pyro_vdrop.train.config import RUNTIME_FIELDS, LinearDecay, TrainConfig, kl_weight, replace_config
 from pyro_vdrop.train.distributed import World, current_world, from_rank0, process_device, sum_over_processes
@@ -26,13 +27,9 @@ from pyro_vdrop.train.run_dir import (
     RUN_FILES,
     SUMMARY_FILE,
     check_config_file,
-    checkpoint_config,
-    load_checkpoint,
     lock_run,
     remove_stale_temp_files,
     run_in_progress,
-    save_checkpoint,
-    set_rng_state,
     write_json,
     write_metrics,
 )

@@ -47,26 +47,8 @@ def _mask_images(theta: torch.Tensor, log_alpha: torch.Tensor, threshold: float)
     return None, None
 
 
-def write_report(run_dir: str | os.PathLike, *, max_units: int = 100, threshold: float = PRUNE_THRESHOLD) -> Path:
-    r"""
-    Writes ``report.md`` and its figures into ``run_dir``: a histogram of :math:`\log\alpha` per layer, the curves of
-    test error, sparsity and ELBO over the epochs, and the kept-weight masks of the first layer (for a 784-input
-    layer, one 28 × 28 image per hidden unit, the ``max_units`` units with the most kept weights).
-
-    :returns: The path of ``report.md``.
-    :raises RunError: if matplotlib is not installed or ``run_dir`` is not a run.
-    """
-    check_threshold(threshold)
-    plt = _import_pyplot()
-    run_dir = Path(run_dir)
-    in_progress = run_in_progress(run_dir)
-    session, state = open_run(run_dir, device="cpu")
-    theta, log_alpha = posterior(session.guide)
-    stats = sparsity_stats(session.guide, threshold=threshold)
-    history = state["history"]
-    config = session.config
-
-    # 1. log α histograms
+def plot_log_alpha(plt, theta: dict, log_alpha: dict, stats: dict, threshold: float):
+    r"""Figure 1: a histogram of :math:`\log\alpha` per weight site, the pruning threshold marked."""
     names = list(log_alpha)
     fig, axes = plt.subplots(1, max(len(names), 1), figsize=(4 * max(len(names), 1), 3.2), squeeze=False)
     for ax, name in zip(axes[0], names):
@@ -78,10 +60,11 @@ def write_report(run_dir: str | os.PathLike, *, max_units: int = 100, threshold:
         ax.set_yscale("log")
     axes[0][0].legend(fontsize=8)
     fig.tight_layout()
-    _save_figure(fig, run_dir / REPORT_FIGURES[0])
-    plt.close(fig)
+    return fig
 
-    # 2. curves
+
+def plot_curves(plt, history: list[dict], threshold: float):
+    """Figure 2: test error (θ and pruned), sparsity and ELBO over the epochs."""
     epochs = [row["epoch"] for row in history]
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.4))
     axes[0].plot(epochs, [100 * r["test_error"] for r in history], label="θ")
@@ -96,72 +79,136 @@ def write_report(run_dir: str | os.PathLike, *, max_units: int = 100, threshold:
         ax.set_xlabel("epoch")
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    _save_figure(fig, run_dir / REPORT_FIGURES[1])
-    plt.close(fig)
+    return fig
 
-    # 3. first-layer masks
-    first = names[0] if names else None
-    masks, caption = _mask_images(theta[first], log_alpha[first], threshold) if first else (None, None)
-    figures = list(REPORT_FIGURES[:2])
-    if masks is not None:
-        order = masks.flatten(1).sum(-1).argsort(descending=True)[:max_units]
-        n = len(order)
-        cols = math.ceil(math.sqrt(n))
-        rows = math.ceil(n / cols)
-        fig, axes = plt.subplots(rows, cols, figsize=(cols * 0.8, rows * 0.8), squeeze=False)
-        for i, ax in enumerate(axes.flat):
-            ax.axis("off")
-            if i < n:
-                ax.imshow(masks[order[i]].numpy(), cmap="gray", vmin=0, vmax=1, interpolation="nearest")
-        fig.suptitle(f"{first}: kept weights (white), {n} units with most kept", fontsize=9)
-        _save_figure(fig, run_dir / REPORT_FIGURES[2])
-        plt.close(fig)
-        figures.append(REPORT_FIGURES[2])
-    else:
-        stale = run_dir / REPORT_FIGURES[2]
-        stale.unlink(missing_ok=True)
 
-    # 4. markdown
-    evaluation = None
-    if (run_dir / EVALUATION_FILE).is_file():
+def plot_masks(plt, name: str, theta: torch.Tensor, log_alpha: torch.Tensor, threshold: float, max_units: int):
+    """Figure 3: the kept-weight masks of the first layer's ``max_units`` units with the most kept weights, as
+    ``(figure, caption)``; ``(None, None)`` when the layer's weights have no image shape."""
+    masks, caption = _mask_images(theta, log_alpha, threshold)
+    if masks is None:
+        return None, None
+    order = masks.flatten(1).sum(-1).argsort(descending=True)[:max_units]
+    n = len(order)
+    cols = math.ceil(math.sqrt(n))
+    rows = math.ceil(n / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(cols * 0.8, rows * 0.8), squeeze=False)
+    for i, ax in enumerate(axes.flat):
+        ax.axis("off")
+        if i < n:
+            ax.imshow(masks[order[i]].numpy(), cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+    fig.suptitle(f"{name}: kept weights (white), {n} units with most kept", fontsize=9)
+    return fig, caption
+
+
+def _read_evaluation(run_dir: Path) -> dict | None:
+    """``evaluation.json`` if it holds the figures the report shows; None otherwise (it is optional)."""
+    try:
         with open(run_dir / EVALUATION_FILE, encoding="utf-8") as f:
             evaluation = json.load(f)
+    except (OSError, ValueError):
+        return None
+    numbers = ("num_samples", "test_error_mc")
+    if not isinstance(evaluation, dict) or not all(isinstance(evaluation.get(k), (int, float)) for k in numbers):
+        return None
+    return evaluation
+
+
+def report_markdown(session, state: dict, stats: dict, *, run_name: str, threshold: float, **extra) -> str:
+    """
+    The text of ``report.md``: the run in one sentence, a table of its figures, one row per layer, the figures and
+    the configuration. ``extra`` holds ``evaluation`` (``evaluation.json`` or None), ``in_progress`` (the lock's
+    holder or None) and ``mask_caption`` (None when there is no mask figure).
+    """
+    config, history = session.config, state["history"]
     last = history[-1] if history else {}
+    evaluation = extra.get("evaluation")
     text = io.StringIO()
-    text.write(f"# pyro-vdrop run report: {run_dir.name}\n\n")
+    text.write(f"# pyro-vdrop run report: {run_name}\n\n")
     text.write(
         f"{config.model} ({config.guide} guide, {config.estimator} estimator) on {config.dataset}: "
         f"{session.num_data} training and {session.x_test.shape[0]} test images, "
         f"{state['epoch']} of {config.epochs} epochs in {last.get('time', 0.0):.1f} s.\n\n"
     )
-    if in_progress is not None:
-        text.write(f"**The run is still being trained** ({in_progress}): the figures of its last checkpoint.\n\n")
-    text.write("| figure | value |\n|---|---|\n")
-    text.write(f"| test error (θ) | {100 * last.get('test_error', float('nan')):.2f} % |\n")
-    text.write(
-        f"| test error (pruned, log α > {threshold:g}) | {100 * last.get('test_error_pruned', float('nan')):.2f} % |\n"
-    )
-    if evaluation is not None:
+    if extra.get("in_progress") is not None:
         text.write(
-            f"| test error (MC predictive, {evaluation['num_samples']} samples) | "
-            f"{100 * evaluation['test_error_mc']:.2f} % |\n"
+            f"**The run is still being trained** ({extra['in_progress']}): the figures of its last checkpoint.\n\n"
         )
-    text.write(f"| weights kept | {stats['kept']:,} of {stats['weights']:,} |\n")
-    text.write(f"| sparsity | {100 * stats['sparsity']:.2f} % |\n")
-    text.write(f"| compression | {stats['compression']:.1f}× |\n")
-    text.write(f"| ELBO (last epoch) | {last.get('elbo', float('nan')):.1f} |\n\n")
+    rows = [
+        ("test error (θ)", f"{100 * last.get('test_error', float('nan')):.2f} %"),
+        (f"test error (pruned, log α > {threshold:g})", f"{100 * last.get('test_error_pruned', float('nan')):.2f} %"),
+    ]
+    if evaluation is not None:
+        samples = evaluation["num_samples"]
+        rows.append((f"test error (MC predictive, {samples} samples)", f"{100 * evaluation['test_error_mc']:.2f} %"))
+    rows += [
+        ("weights kept", f"{stats['kept']:,} of {stats['weights']:,}"),
+        ("sparsity", f"{100 * stats['sparsity']:.2f} %"),
+        ("compression", f"{stats['compression']:.1f}×"),
+        ("ELBO (last epoch)", f"{last.get('elbo', float('nan')):.1f}"),
+    ]
+    text.write("| figure | value |\n|---|---|\n" + "".join(f"| {k} | {v} |\n" for k, v in rows) + "\n")
     text.write("## Layers\n\n| site | weights | kept | pruned |\n|---|---|---|---|\n")
     for name, layer in stats["layers"].items():
         text.write(f"| `{name}` | {layer['weights']:,} | {layer['kept']:,} | {100 * layer['sparsity']:.2f} % |\n")
     text.write("\n## Figures\n\n")
     text.write(f"![log alpha per layer]({REPORT_FIGURES[0]})\n\n![curves]({REPORT_FIGURES[1]})\n\n")
-    if masks is not None:
-        text.write(f"![first-layer masks]({REPORT_FIGURES[2]})\n\n{caption}.\n\n")
+    if extra.get("mask_caption") is not None:
+        text.write(f"![first-layer masks]({REPORT_FIGURES[2]})\n\n{extra['mask_caption']}.\n\n")
     text.write("## Configuration\n\n```json\n" + json.dumps(config.to_dict(), indent=2) + "\n```\n")
-    atomic_write(run_dir / REPORT_FILE, lambda f: f.write(text.getvalue()), binary=False)
+    return text.getvalue()
+
+
+def write_report(run_dir: str | os.PathLike, *, max_units: int = 100, threshold: float = PRUNE_THRESHOLD) -> Path:
+    r"""
+    Writes ``report.md`` and its figures into ``run_dir``: a histogram of :math:`\log\alpha` per layer, the curves of
+    test error, sparsity and ELBO over the epochs, and the kept-weight masks of the first layer (for a 784-input
+    layer, one 28 × 28 image per hidden unit, the ``max_units`` units with the most kept weights). Every file is
+    written atomically (a symlink in its place is replaced, not followed).
+
+    :returns: The path of ``report.md``.
+    :raises RunError: if matplotlib is not installed or ``run_dir`` is not a run.
+    """
+    check_threshold(threshold)
+    plt = _import_pyplot()
+    run_dir = Path(run_dir)
+    in_progress = run_in_progress(run_dir)
+    session, state = open_run(run_dir, device="cpu")
+    theta, log_alpha = posterior(session.guide)
+    stats = sparsity_stats(session.guide, threshold=threshold)
+
+    def save(fig, name):
+        _save_figure(fig, run_dir / name)
+        plt.close(fig)
+
+    save(plot_log_alpha(plt, theta, log_alpha, stats, threshold), REPORT_FIGURES[0])
+    save(plot_curves(plt, state["history"], threshold), REPORT_FIGURES[1])
+    first = next(iter(log_alpha), None)
+    fig, caption = (
+        (None, None) if first is None else plot_masks(plt, first, theta[first], log_alpha[first], threshold, max_units)
+    )
+    if fig is not None:
+        save(fig, REPORT_FIGURES[2])
+    else:
+        (run_dir / REPORT_FIGURES[2]).unlink(missing_ok=True)
+    text = report_markdown(
+        session,
+        state,
+        stats,
+        run_name=run_dir.name,
+        threshold=threshold,
+        evaluation=_read_evaluation(run_dir),
+        in_progress=in_progress,
+        mask_caption=caption,
+    )
+    atomic_write(run_dir / REPORT_FILE, lambda f: f.write(text), binary=False)
     return run_dir / REPORT_FILE
 
 
 __all__ = [
+    "plot_curves",
+    "plot_log_alpha",
+    "plot_masks",
+    "report_markdown",
     "write_report",
 ]

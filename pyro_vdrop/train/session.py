@@ -14,6 +14,7 @@ from pyro import poutine
 from pyro.infer import SVI, TraceMeanField_ELBO
 from pyro.poutine.messenger import Messenger
 
+from pyro_vdrop.train.checkpoint import CHECKPOINT_VERSION, rng_state
 from pyro_vdrop.train.components import (
     batches,
     build_guide,
@@ -26,7 +27,6 @@ from pyro_vdrop.train.components import (
 from pyro_vdrop.train.config import LinearDecay, TrainConfig
 from pyro_vdrop.train.distributed import World
 from pyro_vdrop.train.errors import RunError
-from pyro_vdrop.train.run_dir import CHECKPOINT_VERSION, rng_state
 
 #: Test examples per model run when evaluating (at most the training set size: the model's plate holds no more).
 EVAL_BATCH = 1000
