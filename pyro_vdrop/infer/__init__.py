@@ -4,14 +4,20 @@
 from .effect import AutoVariationalDropoutMessenger
 from .gradient_variance import GRADIENT_ESTIMATORS, gradient_variance
 from .initialization import init_to_fan_in
-from .predictive import Predictive
+from .predictive import Predictive, trace_guide_then_model
+from .sparsity import PRUNE_LOG_ALPHA_THRESHOLD, SPARSE_VD_LOG_ALPHA_CLIP, prune_params, sparsity_summary
 from .variational_dropout import AutoVariationalDropout
 
 __all__ = [
     "AutoVariationalDropout",
     "AutoVariationalDropoutMessenger",
     "GRADIENT_ESTIMATORS",
+    "PRUNE_LOG_ALPHA_THRESHOLD",
     "Predictive",
+    "SPARSE_VD_LOG_ALPHA_CLIP",
     "gradient_variance",
     "init_to_fan_in",
+    "prune_params",
+    "sparsity_summary",
+    "trace_guide_then_model",
 ]

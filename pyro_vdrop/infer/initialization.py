@@ -13,12 +13,7 @@ import torch
 from pyro.infer.autoguide.initialization import init_to_median
 
 from pyro_vdrop.distributions import ImproperLogUniform
-
-
-def _log_uniform_base(fn):
-    while hasattr(fn, "base_dist"):
-        fn = fn.base_dist
-    return fn if isinstance(fn, ImproperLogUniform) else None
+from pyro_vdrop.distributions.util import base_distribution
 
 
 def init_to_fan_in(site=None, *, fallback=init_to_median):
@@ -40,8 +35,8 @@ def init_to_fan_in(site=None, *, fallback=init_to_median):
     """
     if site is None:
         return lambda site: init_to_fan_in(site, fallback=fallback)
-    prior = _log_uniform_base(site["fn"])
-    if prior is None:
+    prior = base_distribution(site["fn"])
+    if not isinstance(prior, ImproperLogUniform):
         return fallback(site)
     shape = site["fn"].shape()
     fan_in = math.prod(shape[1:]) if len(shape) > 1 else 1

@@ -24,9 +24,10 @@ from pyro_vdrop.distributions import (
     ImproperLogUniform,
     VariationalDropoutNormal,
 )
-from pyro_vdrop.distributions.util import check_kl_approx
+from pyro_vdrop.distributions.util import base_distribution, check_kl_approx
 
 from .initialization import init_to_fan_in
+from .sparsity import PRUNE_LOG_ALPHA_THRESHOLD, SPARSE_VD_LOG_ALPHA_CLIP, sparsity_summary
 
 NOISES = ("independent", "correlated")
 GRANULARITIES = ("weight", "unit", "layer")
@@ -34,15 +35,11 @@ PARAMETERIZATIONS = ("multiplicative", "additive")
 
 #: Kingma, Salimans, Welling (2015), §3.3: the paper clamps α at 1, i.e. log α ≤ 0.
 PAPER_MAX_LOG_ALPHA = 0.0
-#: Molchanov, Ashukha, Vetrov (2017), §4.1 / §5: log α clipped to [-8, 8] inside the KL.
-SPARSE_VD_LOG_ALPHA_CLIP = (-8.0, 8.0)
 #: Molchanov, Ashukha, Vetrov (2017), §5: initial log σ² of sparse variational dropout.
 SPARSE_VD_INIT_LOG_SIGMA2 = -10.0
 #: Default initial log α of the multiplicative parameterization: weak noise (α ≈ 0.018),
 #: about where sparse VD's log σ² = -10 starts for fan-in-initialised weights.
 DEFAULT_INIT_LOG_ALPHA = -4.0
-#: The pruning threshold of Molchanov, Ashukha, Vetrov (2017), §5: log α > 3.
-PRUNE_LOG_ALPHA_THRESHOLD = 3.0
 
 
 class _Cap(torch.autograd.Function):
@@ -67,9 +64,7 @@ class _Cap(torch.autograd.Function):
 
 
 def _is_log_uniform(fn) -> bool:
-    while hasattr(fn, "base_dist"):
-        fn = fn.base_dist
-    return isinstance(fn, ImproperLogUniform)
+    return isinstance(base_distribution(fn), ImproperLogUniform)
 
 
 def _reference_tensor(args, kwargs):
@@ -360,21 +355,7 @@ class _VariationalDropoutMixin:
         :rtype: dict
         """
 
-        def stats(num_weights, num_pruned):
-            num_kept = num_weights - num_pruned
-            return {
-                "num_weights": num_weights,
-                "num_pruned": num_pruned,
-                "num_kept": num_kept,
-                "fraction_pruned": num_pruned / num_weights if num_weights else 0.0,
-                "compression": num_weights / num_kept if num_kept else math.inf,
-            }
-
-        sites = {}
-        for name, log_alpha in self.log_alpha().items():
-            sites[name] = stats(log_alpha.numel(), int((log_alpha > threshold).sum().item()))
-        total = stats(sum(s["num_weights"] for s in sites.values()), sum(s["num_pruned"] for s in sites.values()))
-        return {"sites": sites, "total": total}
+        return sparsity_summary(self.log_alpha(), threshold)
 
 
 class AutoVariationalDropout(_VariationalDropoutMixin, AutoGuide):
@@ -420,7 +401,7 @@ class AutoVariationalDropout(_VariationalDropoutMixin, AutoGuide):
     log-uniform prior is infinite (Hron et al. [3]), so with correlated noise use
     :class:`~pyro.infer.TraceMeanField_ELBO`, not :class:`~pyro.infer.Trace_ELBO`. Hron et al. also show
     that under the improper log-uniform prior the true posterior is generally improper and the
-    sparsity is not a Bayesian Occam effect: read the KL as a regulariser (see ``docs/PAPER.md`` §7).
+    sparsity is not a Bayesian Occam effect: read the KL as a regulariser [3].
 
     **KL scale.** ``kl_scale`` is applied as the ``scale`` of the guide's sample site
     (:func:`pyro.poutine.scale`; ``poutine.mask(False)`` for 0). :class:`~pyro.infer.TraceMeanField_ELBO`
@@ -607,8 +588,7 @@ class AutoVariationalDropout(_VariationalDropoutMixin, AutoGuide):
         self._check_initialized()
         results = {}
         for name in self._layouts:
-            base = self._get_posterior(name)
-            base = base.base_dist if isinstance(base, torch.distributions.Independent) else base
+            base = base_distribution(self._get_posterior(name))
             q = torch.as_tensor(quantiles, dtype=base.loc.dtype, device=base.loc.device)
             z = torch.special.ndtri(q.reshape((-1,) + (1,) * base.loc.dim()))
             results[name] = base.loc + base.scale * z

@@ -3,15 +3,12 @@
 
 import torch
 import torch.nn.functional as F
-from pyro.distributions import Independent
 from torch.distributions import Normal
 
 from pyro_vdrop.distributions import CorrelatedVariationalDropoutNormal
+from pyro_vdrop.distributions.util import base_distribution
 
-# "lrt" and "flipout" are the estimators for training; "per-example" (an explicit weight sample per
-# example, M times the memory of a weight) and "mean" (no noise: the posterior mean) are references
-# for diagnostics such as pyro_vdrop.infer.gradient_variance.
-ESTIMATORS = ("lrt", "flipout", "per-example", "mean")
+from .estimators import ESTIMATORS
 
 # Queries that reveal only metadata (shape, dtype, device), never the values of a weight.
 _METADATA = {
@@ -139,9 +136,7 @@ class LazyWeight(torch.Tensor):
             wrapped in ``.to_event(n)``.
         :rtype: LazyWeight or None
         """
-        base = fn
-        while isinstance(base, (Independent, torch.distributions.Independent)):
-            base = base.base_dist
+        base = base_distribution(fn, torch.distributions.Independent)
         if not isinstance(base, (Normal, CorrelatedVariationalDropoutNormal)):
             return None
         if base.batch_shape != fn.batch_shape + fn.event_shape:
