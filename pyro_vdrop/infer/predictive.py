@@ -12,7 +12,7 @@ from pyro.poutine.util import prune_subsample_sites
 
 from pyro_vdrop.poutine import LazyWeight, active_local_reparam
 
-from .initialization import init_to_fan_in
+from .autoguide.initialization import init_to_fan_in
 
 
 def trace_guide_then_model(
