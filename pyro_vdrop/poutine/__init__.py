@@ -3,7 +3,7 @@
 
 from .estimators import ALL_ESTIMATORS, ESTIMATORS
 from .handlers import active_local_reparam, estimator_handler, local_reparam
-from .lazy_weight import LazyWeight, LazyWeightError
+from .lazy_weight import LazyWeight, LazyWeightError, UnsupportedOperation
 from .local_reparam_messenger import LocalReparamMessenger
 from .local_reparam_site import LocalReparamSite
 
@@ -14,6 +14,7 @@ __all__ = [
     "LazyWeightError",
     "LocalReparamMessenger",
     "LocalReparamSite",
+    "UnsupportedOperation",
     "active_local_reparam",
     "estimator_handler",
     "local_reparam",

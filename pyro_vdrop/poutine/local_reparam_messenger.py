@@ -125,8 +125,8 @@ class LocalReparamMessenger(Messenger):
             # An autoguide's (AutoNormal's) site on top of a lazy auxiliary value. The lazy value passed
             # through the transform unchanged, so the transform is the identity and the site's value is
             # distributed as the auxiliary Gaussian: record that distribution, so that an analytic KL applies.
-            q = base.v._root().distribution
-            if base.v._parent is None and q.batch_shape == fn.batch_shape and q.event_shape == fn.event_shape:
+            q = base.v.root.distribution
+            if base.v.root is base.v and q.batch_shape == fn.batch_shape and q.event_shape == fn.event_shape:
                 msg["fn"] = q
                 msg["value"] = base.v
                 self._origins.add(id(msg))
@@ -157,7 +157,7 @@ class LocalReparamMessenger(Messenger):
         if origin:
             self._record_origin(msg, value)
         else:
-            self._record_kl(msg, value._root())
+            self._record_kl(msg, value.root)
 
     def _check_outside_trace(self, name):
         if any(isinstance(frame, TraceMessenger) for frame in handlers_outside(self)):
@@ -176,7 +176,7 @@ class LocalReparamMessenger(Messenger):
         # Recorded as a LocalReparamSite: TraceMeanField_ELBO then finds no registered KL for the site and
         # uses the terms recorded here and on the model site, so that the KL is computed once, not twice.
         msg["fn"] = LocalReparamSite(msg["fn"], lazy)
-        zero = lazy._loc.new_zeros(()).expand(msg["fn"].batch_shape)
+        zero = lazy.loc.new_zeros(()).expand(msg["fn"].batch_shape)
         msg["unscaled_log_prob"] = zero
         msg["log_prob"] = zero
         msg["log_prob_sum"] = zero.sum()
