@@ -6,6 +6,22 @@ Kingma, Salimans, Welling. "Variational Dropout and the Local Reparameterization
 Trick." NeurIPS 2015.
 """
 
+# Private names of Pyro and torch that pyro-vdrop uses, each for want of a public equivalent (one place to check
+# when Pyro or torch change):
+# - pyro.poutine.runtime._PYRO_STACK: the active effect handlers; read only in pyro_vdrop/poutine/runtime.py.
+# - pyro.poutine.handlers._make_handler: how Pyro makes its own lower-case handlers (poutine/handlers.py).
+# - AutoGuide._setup_prototype / _create_plates, AutoMessenger._pyro_sample / _adjust_plates: the hooks Pyro's
+#   own autoguides override or call (infer/autoguide/guides.py, effect.py).
+# - Tensor._pyro_custom_init: Pyro's init-strategy protocol flag (infer/autoguide/initialization.py).
+# - torch.Tensor._make_subclass, torch._C.DisableTorchFunctionSubclass: torch's documented recipe for tensor
+#   subclasses with __torch_function__ (poutine/lazy_weight.py).
+# - torch.nn.modules.conv._ConvNd / _ConvTransposeNd: the common bases of torch's conv layers (arviz.py dims).
+# - the "_deterministic" key of a site's infer dict, which marks pyro.deterministic sites (arviz.py).
+# - PyroOptim._add_params / torch.optim.Optimizer internals in pyro_vdrop/optim and nn.Module._apply in
+#   nn/bayesian_module.py: overridden hooks.
+# - torch.distributions.utils._standard_normal in distributions/correlated_variational_dropout_normal.py.
+# Our own: CorrelatedVariationalDropoutNormal._noise_log_alpha(), read by poutine/lazy_weight.py until that
+# distribution (maintained separately) offers a public noise_log_alpha.
 from pyro_vdrop import datasets, distributions, infer, nn, optim, poutine
 from pyro_vdrop.arviz import to_inference_data
 from pyro_vdrop.poutine import local_reparam

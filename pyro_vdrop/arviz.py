@@ -7,7 +7,6 @@ that holds what a variational-dropout posterior is made of: the means :math:`\\t
 the dropout rates :math:`\\log\\alpha` and the per-layer sparsity.
 """
 
-import contextlib
 import inspect
 import numbers
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -18,14 +17,13 @@ import pyro
 import pyro.distributions as dist
 import torch
 import xarray as xr
-from pyro import poutine
-from pyro.poutine.runtime import _PYRO_STACK
 from pyro.poutine.util import site_is_subsample
 from torch.distributions import constraints
 
-from pyro_vdrop.distributions.util import normal_log_alpha, safe_log_abs
-from pyro_vdrop.nn import LOG_ALPHA_THRESHOLD
-from pyro_vdrop.poutine import LazyWeight, LocalReparamMessenger
+from pyro_vdrop.distributions.util import base_distribution, normal_log_alpha, safe_log_abs
+from pyro_vdrop.infer.predictive import trace_guide_then_model
+from pyro_vdrop.infer.sparsity import PRUNE_LOG_ALPHA_THRESHOLD, sparsity_summary
+from pyro_vdrop.poutine import LazyWeight, active_local_reparam
 
 __all__ = ["MAX_CONSTANT_DATA_SIZE", "MAX_POSTERIOR_SITE_SIZE", "to_inference_data"]
 
@@ -37,6 +35,9 @@ MAX_POSTERIOR_SITE_SIZE = 1000
 MAX_CONSTANT_DATA_SIZE = 1_000_000
 
 _VARIATIONAL_GROUP = "variational"
+
+#: The pruning threshold under the name this module exported before :mod:`pyro_vdrop.infer.sparsity` owned it.
+LOG_ALPHA_THRESHOLD = PRUNE_LOG_ALPHA_THRESHOLD
 
 
 def to_inference_data(
@@ -52,7 +53,7 @@ def to_inference_data(
     dims: Mapping[str, Sequence[str]] | None = None,
     elbo: Sequence[float] | None = None,
     max_site_size: int = MAX_POSTERIOR_SITE_SIZE,
-    threshold: float = LOG_ALPHA_THRESHOLD,
+    threshold: float = PRUNE_LOG_ALPHA_THRESHOLD,
     **kwargs: Any,
 ):
     r"""
@@ -147,7 +148,7 @@ def to_inference_data(
     :param int max_site_size: The size above which a latent site is left out of
         ``posterior`` unless named in ``var_names``.
     :param float threshold: The :math:`\log\alpha` above which a weight counts as pruned
-        (default :data:`pyro_vdrop.nn.LOG_ALPHA_THRESHOLD`, 3 [2]).
+        (default :data:`pyro_vdrop.infer.sparsity.PRUNE_LOG_ALPHA_THRESHOLD`, 3 [2]).
     :param kwargs: Keyword arguments of the model and guide.
     :returns: The InferenceData (``arviz.InferenceData``; ``xarray.DataTree`` with ArviZ ≥ 1.0).
 
@@ -273,19 +274,12 @@ def _check_positive_int(value, name):
 
 def _local_reparam_estimator():
     """The estimator of an active :func:`~pyro_vdrop.poutine.local_reparam` handler, or ``None``."""
-    for frame in _PYRO_STACK:
-        if isinstance(frame, LocalReparamMessenger):
-            return frame.estimator
-    return None
+    handler = active_local_reparam()
+    return None if handler is None else handler.estimator
 
 
 def _run(model, guide, args, kwargs, *, hide_outer):
-    # poutine.block() outside the tracers hides the sites from every handler the caller
-    # entered (e.g. local_reparam), so the guide draws concrete weights.
-    with poutine.block() if hide_outer else contextlib.nullcontext():
-        guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
-        model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(*args, **kwargs)
-    return guide_trace, model_trace
+    return trace_guide_then_model(model, guide, args, kwargs, block_outer=hide_outer)
 
 
 def _value(node):
@@ -393,14 +387,8 @@ class _Moments:
 # the variational parameters
 
 
-def _unwrap(fn):
-    while True:
-        if isinstance(fn, dist.Independent | dist.MaskedDistribution):
-            fn = fn.base_dist
-        elif isinstance(fn, dist.ExpandedDistribution):
-            fn = fn.base_dist
-        else:
-            return fn
+#: The wrappers whose base distribution has the same marginals per element.
+_RESHAPING_WRAPPERS = (dist.Independent, dist.MaskedDistribution, dist.ExpandedDistribution)
 
 
 def _call_summary(guide, method, args, kwargs, *leading):
@@ -437,7 +425,7 @@ def _variational_parameters(guide, guide_trace, model_trace, latent, args, kwarg
         shape = guide_trace.nodes[name]["value"].shape
         theta, theta_source = medians.get(name), "guide.median"
         log_alpha, log_alpha_source = log_alphas.get(name), "guide.log_alpha"
-        fn = _unwrap(guide_trace.nodes[name]["fn"])
+        fn = base_distribution(guide_trace.nodes[name]["fn"], _RESHAPING_WRAPPERS)
         if hasattr(fn, "log_alpha") and hasattr(fn, "loc"):  # the variational-dropout posteriors
             fn_theta, fn_log_alpha = fn.loc, fn.log_alpha
         elif isinstance(fn, torch.distributions.Normal):
@@ -479,30 +467,26 @@ def _has_real_support(fn):
 
 def _variational_dataset(variational, site_dims, coords, attrs, threshold, elbo):
     data, data_dims = {}, {}
-    names, num_weights, num_pruned = [], [], []
     for name, v in variational.items():
-        theta, log_alpha = v.theta, v.log_alpha
-        site_dim = site_dims(name, tuple(theta.shape))
-        data[f"{name}_theta"] = _to_numpy(theta)
-        data[f"{name}_log_alpha"] = _to_numpy(log_alpha)
+        site_dim = site_dims(name, tuple(v.theta.shape))
+        data[f"{name}_theta"] = _to_numpy(v.theta)
+        data[f"{name}_log_alpha"] = _to_numpy(v.log_alpha)
         data_dims[f"{name}_theta"] = data_dims[f"{name}_log_alpha"] = site_dim
-        names.append(name)
-        num_weights.append(log_alpha.numel())
-        num_pruned.append(int((log_alpha > threshold).sum()))
-    total, pruned = sum(num_weights), sum(num_pruned)
-    if names:
-        data["num_weights"] = np.asarray(num_weights, dtype=np.int64)
-        data["num_pruned"] = np.asarray(num_pruned, dtype=np.int64)
-        data["sparsity"] = np.asarray(num_pruned, dtype=np.float64) / np.maximum(data["num_weights"], 1)
+    summary = sparsity_summary({name: v.log_alpha for name, v in variational.items()}, threshold)
+    sites = summary["sites"]
+    if sites:
+        data["num_weights"] = np.asarray([s["num_weights"] for s in sites.values()], dtype=np.int64)
+        data["num_pruned"] = np.asarray([s["num_pruned"] for s in sites.values()], dtype=np.int64)
+        data["sparsity"] = np.asarray([s["fraction_pruned"] for s in sites.values()], dtype=np.float64)
         data_dims.update({"num_weights": ["site"], "num_pruned": ["site"], "sparsity": ["site"]})
-        coords = {**coords, "site": names}
+        coords = {**coords, "site": list(sites)}
     if elbo is not None:
         data["loss"] = np.asarray([float(v) for v in elbo], dtype=np.float64)
         data_dims["loss"] = ["step"]
     group_attrs = {
         **attrs,
         "sparsity_threshold": float(threshold),
-        "compression": float(total / (total - pruned)) if total > pruned else float("inf"),
+        "compression": float(summary["total"]["compression"]),
     }
     ds = _dataset(data, data_dims, coords, group_attrs)
     for name, v in variational.items():

@@ -118,7 +118,7 @@ def test_torch_reference_has_the_guides_maths():
     with torch.no_grad():
         guide.locs.weight.copy_(layer.theta)
         guide.log_alphas.weight.copy_(layer.log_alpha)
-    q = guide._get_posterior("weight")
+    q = guide.posterior("weight")
     p = pyro_vdrop.distributions.ImproperLogUniform().expand([3, 5]).to_event(2)
     assert torch.allclose(layer.kl(), kl_divergence(q, p), rtol=1e-6)
     assert not torch.allclose(VDLinearLRT.kl(_uncapped(layer)), layer.kl())  # the cap matters here

@@ -6,6 +6,21 @@ import torch
 KL_APPROXIMATIONS = ("molchanov", "kingma")
 
 
+def base_distribution(fn, wrappers: type | tuple[type, ...] | None = None):
+    """
+    The distribution inside ``fn``'s wrappers: follows ``base_dist`` through every wrapper that has one
+    (``Independent``, ``MaskedDistribution``, ``ExpandedDistribution``, ``TransformedDistribution``, ...),
+    or only through instances of ``wrappers`` when given.
+
+    :param fn: A distribution.
+    :param wrappers: A class or tuple of classes to unwrap; default: every distribution with a ``base_dist``.
+    :returns: The innermost distribution reached.
+    """
+    while hasattr(fn, "base_dist") if wrappers is None else isinstance(fn, wrappers):
+        fn = fn.base_dist
+    return fn
+
+
 def check_kl_approx(kl_approx):
     """
     Returns ``kl_approx`` if it names a known KL approximation, else raises a

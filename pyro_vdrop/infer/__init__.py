@@ -1,17 +1,29 @@
 # SPDX-License-Identifier: Apache-2.0
 """Inference for variational dropout: guides, initialization and diagnostics."""
 
-from .effect import AutoVariationalDropoutMessenger
+from .autoguide import (
+    AutoVariationalDropout,
+    AutoVariationalDropoutMessenger,
+    VariationalDropoutOptions,
+    init_to_fan_in,
+    preset,
+)
 from .gradient_variance import GRADIENT_ESTIMATORS, gradient_variance
-from .initialization import init_to_fan_in
-from .predictive import Predictive
-from .variational_dropout import AutoVariationalDropout
+from .predictive import Predictive, trace_guide_then_model
+from .sparsity import PRUNE_LOG_ALPHA_THRESHOLD, SPARSE_VD_LOG_ALPHA_CLIP, prune_params, sparsity_summary
 
 __all__ = [
     "AutoVariationalDropout",
     "AutoVariationalDropoutMessenger",
     "GRADIENT_ESTIMATORS",
+    "PRUNE_LOG_ALPHA_THRESHOLD",
     "Predictive",
+    "SPARSE_VD_LOG_ALPHA_CLIP",
+    "VariationalDropoutOptions",
     "gradient_variance",
     "init_to_fan_in",
+    "preset",
+    "prune_params",
+    "sparsity_summary",
+    "trace_guide_then_model",
 ]

@@ -1,22 +1,23 @@
 # SPDX-License-Identifier: Apache-2.0
 
-import contextlib
 from collections.abc import Callable, Iterable, Sequence
 
 import pyro
 import torch
 from pyro.infer import ELBO, TraceMeanField_ELBO
 
-from pyro_vdrop.poutine import local_reparam
+from pyro_vdrop.poutine import estimator_handler
+from pyro_vdrop.poutine.estimators import FLIPOUT, LRT, MEAN, PER_EXAMPLE, SINGLE_SAMPLE
 
 #: The estimators compared in [1, Table 1] (plus Flipout [2]), and the local_reparam estimator
-#: behind each (``None``: no handler, i.e. Pyro's one weight sample per minibatch).
+#: behind each (``None``: no handler, i.e. Pyro's one weight sample per minibatch, the estimator
+#: :data:`~pyro_vdrop.poutine.estimators.SINGLE_SAMPLE`).
 GRADIENT_ESTIMATORS = {
-    "lrt": "lrt",
-    "flipout": "flipout",
-    "per-example weights": "per-example",
+    "lrt": LRT,
+    "flipout": FLIPOUT,
+    "per-example weights": PER_EXAMPLE,
     "single weight sample": None,
-    "no noise": "mean",
+    "no noise": MEAN,
 }
 
 
@@ -74,10 +75,10 @@ def gradient_variance(
     if not params:
         raise ValueError("gradient_variance: params must name at least one parameter")
     elbo = TraceMeanField_ELBO() if elbo is None else elbo
-    mode = GRADIENT_ESTIMATORS[estimator]
+    mode = GRADIENT_ESTIMATORS[estimator] or SINGLE_SAMPLE
 
     def handler():
-        return contextlib.nullcontext() if mode is None else local_reparam(estimator=mode)
+        return estimator_handler(mode)
 
     def batch(s):
         return args if batches is None else tuple(batches[s % len(batches)])

@@ -1,19 +1,46 @@
 # SPDX-License-Identifier: Apache-2.0
 
+import contextlib
+from collections.abc import Callable, Mapping
+
 import pyro
 import pyro.poutine as poutine
 import torch
 from pyro.infer.autoguide.initialization import InitMessenger, init_to_sample
-from pyro.poutine.runtime import _PYRO_STACK
+from pyro.poutine.trace_struct import Trace
 from pyro.poutine.util import prune_subsample_sites
 
-from .initialization import init_to_fan_in
+from pyro_vdrop.poutine import LazyWeight, active_local_reparam
+
+from .autoguide.initialization import init_to_fan_in
 
 
-def _local_reparam_active():
-    from pyro_vdrop.poutine import LocalReparamMessenger
+def trace_guide_then_model(
+    model: Callable,
+    guide: Callable,
+    args: tuple = (),
+    kwargs: Mapping | None = None,
+    *,
+    block_outer: bool = False,
+) -> tuple[Trace, Trace]:
+    """
+    One posterior draw as Pyro's :class:`~pyro.infer.Predictive` makes it: runs ``guide`` under
+    :func:`~pyro.poutine.trace`, then ``model`` replayed against the guide's trace.
 
-    return any(isinstance(frame, LocalReparamMessenger) for frame in _PYRO_STACK)
+    :param callable model: The model.
+    :param callable guide: The guide.
+    :param tuple args: Positional arguments of both.
+    :param dict kwargs: Keyword arguments of both.
+    :param bool block_outer: Hide both runs from every handler the caller entered (e.g.
+        :func:`~pyro_vdrop.poutine.local_reparam`), so that the guide draws concrete weights.
+    :returns: ``(guide_trace, model_trace)``.
+    """
+    kwargs = {} if kwargs is None else kwargs
+    # poutine.block() outside the tracers hides the sites from every handler the caller entered
+    with poutine.block() if block_outer else contextlib.nullcontext():
+        guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
+        model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(*args, **kwargs)
+    return guide_trace, model_trace
 
 
 class Predictive(pyro.infer.Predictive):
@@ -58,20 +85,17 @@ class Predictive(pyro.infer.Predictive):
         )
 
     def forward(self, *args, **kwargs):
-        if self.guide is None or not _local_reparam_active():
+        if self.guide is None or active_local_reparam() is None:
             return super().forward(*args, **kwargs)
         if self.parallel:
             raise ValueError(
                 "Predictive(parallel=True) is not supported inside local_reparam: the draws are made one at a "
                 "time by replaying the model against the guide; pass parallel=False"
             )
-        from pyro_vdrop.poutine import LazyWeight
-
         draws = {}
         with torch.no_grad():
             for _ in range(self.num_samples):
-                guide_trace = poutine.trace(self.guide).get_trace(*args, **kwargs)
-                model_trace = poutine.trace(poutine.replay(self.model, trace=guide_trace)).get_trace(*args, **kwargs)
+                guide_trace, model_trace = trace_guide_then_model(self.model, self.guide, args, kwargs)
                 model_trace = prune_subsample_sites(model_trace)
                 for name, site in model_trace.nodes.items():
                     if site["type"] != "sample" and name != "_RETURN":
@@ -101,3 +125,6 @@ class Predictive(pyro.infer.Predictive):
         if name == "_RETURN":
             return False
         return self.return_sites is None or name not in guide_trace.nodes
+
+
+__all__ = ["Predictive", "trace_guide_then_model"]

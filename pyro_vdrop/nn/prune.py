@@ -6,10 +6,12 @@ import math
 import torch
 from torch import nn
 
+from pyro_vdrop.infer.sparsity import PRUNE_LOG_ALPHA_THRESHOLD, prune_params
+
 from .bayesian_module import BayesianModule
 
-#: Molchanov et al. (2017), §4: weights with log α above 3 are pruned at test time.
-LOG_ALPHA_THRESHOLD = 3.0
+#: The pruning threshold, :data:`pyro_vdrop.infer.sparsity.PRUNE_LOG_ALPHA_THRESHOLD` (3), under its older name.
+LOG_ALPHA_THRESHOLD = PRUNE_LOG_ALPHA_THRESHOLD
 
 
 def prune(
@@ -77,16 +79,10 @@ def prune(
             la = torch.as_tensor(log_alpha[site]).detach()
             if theta.shape != target.shape:
                 raise ValueError(f"params[{site!r}] has shape {tuple(theta.shape)}, expected {tuple(target.shape)}")
-            try:
-                keep = torch.broadcast_to(la <= threshold, target.shape)
-            except RuntimeError as e:
-                raise ValueError(
-                    f"log_alpha[{site!r}] of shape {tuple(la.shape)} does not broadcast to the weight's shape "
-                    f"{tuple(target.shape)}"
-                ) from e
+            pruned = prune_params({site: theta.to(target)}, {site: la.to(target.device)}, threshold)[site]
             if torch.isnan(la).any():
                 raise ValueError(f"log_alpha[{site!r}] contains NaN; the guide diverged")
-            target.copy_(theta.to(target) * keep.to(target.device))
+            target.copy_(pruned)
     return net
 
 

@@ -1,9 +1,21 @@
 # SPDX-License-Identifier: Apache-2.0
 """Effect handlers: the local reparameterization trick (and Flipout) for weight sites."""
 
-from .handlers import local_reparam
-from .lazy_weight import LazyWeight, LazyWeightError
+from .estimators import ALL_ESTIMATORS, ESTIMATORS
+from .handlers import active_local_reparam, estimator_handler, local_reparam
+from .lazy_weight import LazyWeight, LazyWeightError, UnsupportedOperation
 from .local_reparam_messenger import LocalReparamMessenger
 from .local_reparam_site import LocalReparamSite
 
-__all__ = ["LazyWeight", "LazyWeightError", "LocalReparamMessenger", "LocalReparamSite", "local_reparam"]
+__all__ = [
+    "ALL_ESTIMATORS",
+    "ESTIMATORS",
+    "LazyWeight",
+    "LazyWeightError",
+    "LocalReparamMessenger",
+    "LocalReparamSite",
+    "UnsupportedOperation",
+    "active_local_reparam",
+    "estimator_handler",
+    "local_reparam",
+]

@@ -3,15 +3,25 @@
 
 import torch
 import torch.nn.functional as F
-from pyro.distributions import Independent
 from torch.distributions import Normal
 
 from pyro_vdrop.distributions import CorrelatedVariationalDropoutNormal
+from pyro_vdrop.distributions.util import base_distribution
 
-# "lrt" and "flipout" are the estimators for training; "per-example" (an explicit weight sample per
-# example, M times the memory of a weight) and "mean" (no noise: the posterior mean) are references
-# for diagnostics such as pyro_vdrop.infer.gradient_variance.
-ESTIMATORS = ("lrt", "flipout", "per-example", "mean")
+from .estimators import ESTIMATORS, LRT, MEAN, PER_EXAMPLE
+from .lazy_ops import (
+    UnsupportedOperation,
+    conv_correlated,
+    conv_flipout,
+    conv_lrt,
+    conv_mean,
+    conv_per_example,
+    linear_correlated,
+    linear_flipout,
+    linear_lrt,
+    linear_mean,
+    linear_per_example,
+)
 
 # Queries that reveal only metadata (shape, dtype, device), never the values of a weight.
 _METADATA = {
@@ -54,10 +64,6 @@ def _op_name(func):
         owner = getattr(func, "__self__", None)
         name = getattr(owner, "__name__", name)
     return name
-
-
-def _rademacher(shape, like):
-    return torch.empty(shape, dtype=like.dtype, device=like.device).bernoulli_(0.5).mul_(2).sub_(1)
 
 
 class LazyWeight(torch.Tensor):
@@ -139,9 +145,7 @@ class LazyWeight(torch.Tensor):
             wrapped in ``.to_event(n)``.
         :rtype: LazyWeight or None
         """
-        base = fn
-        while isinstance(base, (Independent, torch.distributions.Independent)):
-            base = base.base_dist
+        base = base_distribution(fn, torch.distributions.Independent)
         if not isinstance(base, (Normal, CorrelatedVariationalDropoutNormal)):
             return None
         if base.batch_shape != fn.batch_shape + fn.event_shape:
@@ -156,27 +160,46 @@ class LazyWeight(torch.Tensor):
         return f"LazyWeight(site={self.site!r}, shape={tuple(self.shape)}, estimator={self.estimator!r})"
 
     @property
-    def is_correlated(self):
+    def is_correlated(self) -> bool:
+        """Whether the weight has correlated noise (:attr:`noise_scale`) rather than independent noise."""
         return self._noise_scale is not None
 
     @property
-    def _scale(self):
+    def loc(self) -> torch.Tensor:
+        """The mean of every weight (differentiable: the guide's parameter, or its transpose or reshape)."""
+        return self._loc
+
+    @property
+    def root(self) -> "LazyWeight":
+        """The lazy weight of the site itself, of which this one is a transpose or reshape (or itself)."""
+        lazy = self
+        while lazy._parent is not None:
+            lazy = lazy._parent
+        return lazy
+
+    @property
+    def noise_scale(self) -> torch.Tensor | None:
+        """Correlated noise: :math:`\\sqrt\\alpha` of each noise variable, broadcastable to :attr:`loc`; else None."""
+        return self._noise_scale
+
+    @property
+    def scale(self) -> torch.Tensor | None:
         """The standard deviation of every weight (independent noise), or None (correlated noise)."""
         if self._std is None and not self.is_correlated:
             if self._moments is not None:
                 self._std = self._moments.scale
             elif self._parent is not None:
-                self._std = self._view_fn(self._parent._scale)
+                self._std = self._view_fn(self._parent.scale)
         return self._std
 
     @property
-    def _variance(self):
+    def variance(self) -> torch.Tensor | None:
         """The variance of every weight (independent noise), or None (correlated noise)."""
         if self._var is None and not self.is_correlated:
             if self._moments is not None:
                 self._var = self._moments.variance
             elif self._parent is not None:
-                self._var = self._view_fn(self._parent._variance)
+                self._var = self._view_fn(self._parent.variance)
             else:
                 self._var = self._std * self._std
         return self._var
@@ -200,15 +223,9 @@ class LazyWeight(torch.Tensor):
         new._view_fn = fn
         return new
 
-    def _root(self):
-        lazy = self
-        while lazy._parent is not None:
-            lazy = lazy._parent
-        return lazy
-
     def materialize(self):
         """One ordinary reparameterized sample of the weight (cached, so that every use agrees)."""
-        root = self._root()
+        root = self.root
         if root._sample is None:
             root._sample = root.distribution.rsample()
         if root is self:
@@ -237,15 +254,11 @@ class LazyWeight(torch.Tensor):
                 return _dispatch_reshape(func, *args, **kwargs)
             if func in _ADD:
                 return _dispatch_add(func, *args, **kwargs)
-        except _Unsupported as e:
+        except UnsupportedOperation as e:
             reason = str(e)
         else:
             reason = "it is not linear in the weight"
         return _fallback_or_raise(func, args, kwargs, lazies, reason)
-
-
-class _Unsupported(Exception):
-    pass
 
 
 def _flat(args, kwargs):
@@ -313,10 +326,10 @@ def _view(lazy, fn):
 
 def _dispatch_transpose(func, self, *args, **kwargs):
     if not isinstance(self, LazyWeight):
-        raise _Unsupported("only the weight itself may be transposed")
+        raise UnsupportedOperation("only the weight itself may be transposed")
     if func in (torch.Tensor.T.__get__, torch.Tensor.t, torch.t):
         if self.dim() > 2:
-            raise _Unsupported(".T / .t() of a weight with more than 2 dims")
+            raise UnsupportedOperation(".T / .t() of a weight with more than 2 dims")
         return _view(self, lambda t: t.t() if t.dim() == 2 else t)
     if func is torch.Tensor.mT.__get__:
         return _view(self, lambda t: t.mT)
@@ -325,12 +338,12 @@ def _dispatch_transpose(func, self, *args, **kwargs):
 
 def _dispatch_reshape(func, self, *args, **kwargs):
     if not isinstance(self, LazyWeight):
-        raise _Unsupported("only the weight itself may be reshaped")
+        raise UnsupportedOperation("only the weight itself may be reshaped")
     if self.is_correlated:
-        raise _Unsupported("reshaping a weight with correlated noise would break the noise sharing")
+        raise UnsupportedOperation("reshaping a weight with correlated noise would break the noise sharing")
     if func is torch.Tensor.view:
         if len(args) == 1 and isinstance(args[0], torch.dtype):
-            raise _Unsupported("view as another dtype reinterprets the weight's bits")
+            raise UnsupportedOperation("view as another dtype reinterprets the weight's bits")
         return _view(self, lambda t: t.reshape(*args, **kwargs))
     return _view(self, lambda t: t.reshape(*args, **kwargs))
 
@@ -340,17 +353,17 @@ def _dispatch_reshape(func, self, *args, **kwargs):
 
 def _check_weight(w, ndim, op):
     if w.dim() != ndim:
-        raise _Unsupported(f"{op} needs a weight with {ndim} dims, got shape {tuple(w.shape)}")
+        raise UnsupportedOperation(f"{op} needs a weight with {ndim} dims, got shape {tuple(w.shape)}")
 
 
 def _sample_like(lazy, shape):
     """A sample of a (small, bias-like) lazy tensor, independent for every index of ``shape``."""
-    loc = lazy._loc
+    loc = lazy.loc
     if lazy.is_correlated:
         lead = tuple(shape[: len(shape) - loc.dim()])
-        noise = torch.randn(lead + tuple(lazy._noise_scale.shape), dtype=loc.dtype, device=loc.device)
-        return loc * (1 + lazy._noise_scale * noise)
-    return loc + lazy._scale * torch.randn(shape, dtype=loc.dtype, device=loc.device)
+        noise = torch.randn(lead + tuple(lazy.noise_scale.shape), dtype=loc.dtype, device=loc.device)
+        return loc * (1 + lazy.noise_scale * noise)
+    return loc + lazy.scale * torch.randn(shape, dtype=loc.dtype, device=loc.device)
 
 
 def _add_bias(out, bias, channel_dim):
@@ -366,12 +379,6 @@ def _add_bias(out, bias, channel_dim):
     return out + bias
 
 
-def _sqrt(delta):
-    # tiny keeps the gradient of sqrt finite where an example's inputs are all zero; in place: ``delta`` is
-    # the fresh output of a linear op, whose backward does not need it
-    return delta.add_(torch.finfo(delta.dtype).tiny).sqrt_()
-
-
 def lazy_linear(x, w, bias=None):
     r"""
     A sample of ``F.linear(x, W, bias)`` for a lazy weight ``W`` of shape ``(out, in)``, independent
@@ -384,37 +391,19 @@ def lazy_linear(x, w, bias=None):
     """
     _check_weight(w, 2, "linear")
     if isinstance(x, LazyWeight):
-        raise _Unsupported("both operands are lazy")
-    loc = w._loc
-    if not w.is_correlated:
-        # a plain bias is fused into the mean's matmul (addmm)
-        plain_bias, bias = (bias, None) if torch.is_tensor(bias) and not isinstance(bias, LazyWeight) else (None, bias)
-        if w.estimator == "per-example":
-            ws = loc + w._scale * torch.randn(x.shape[:-1] + loc.shape, dtype=loc.dtype, device=loc.device)
-            out = torch.einsum("...i,...oi->...o", x, ws)
-            return _add_bias(out if plain_bias is None else out + plain_bias, bias, -1)
-        gamma = F.linear(x, loc, plain_bias)
-        if w.estimator == "mean":
-            out = gamma
-        elif w.estimator == "lrt":
-            out = torch.addcmul(gamma, _sqrt(F.linear(x * x, w._variance)), torch.randn_like(gamma))
-        else:
-            delta_w = w._scale * torch.randn_like(loc)
-            sign_in = _rademacher(x.shape, x)
-            sign_out = _rademacher(gamma.shape, gamma)
-            out = gamma + F.linear(x * sign_in, delta_w) * sign_out
+        raise UnsupportedOperation("both operands are lazy")
+    if w.is_correlated:
+        return _add_bias(linear_correlated(x, w.loc, w.noise_scale), bias, -1)
+    # a plain bias is fused into the mean's matmul (addmm)
+    plain_bias, bias = (bias, None) if torch.is_tensor(bias) and not isinstance(bias, LazyWeight) else (None, bias)
+    if w.estimator == PER_EXAMPLE:
+        out = linear_per_example(x, w.loc, w.scale, plain_bias)
+    elif w.estimator == MEAN:
+        out = linear_mean(x, w.loc, plain_bias)
+    elif w.estimator == LRT:
+        out = linear_lrt(x, w.loc, w.variance, plain_bias)
     else:
-        noise = w._noise_scale  # shape (1 or out, 1 or in)
-        n_out, n_in = noise.shape
-        if n_out == 1 and n_in == 1:
-            out = F.linear(x, loc)
-            eps = torch.randn(out.shape[:-1] + (1,), dtype=out.dtype, device=out.device)
-            out = out * (1 + noise.reshape(()) * eps)
-        elif n_out == 1:  # noise per input unit: Gaussian dropout on the inputs
-            out = F.linear(x * (1 + noise.reshape(-1) * torch.randn_like(x)), loc)
-        else:  # noise per output unit
-            out = F.linear(x, loc)
-            out = out * (1 + noise.reshape(-1) * torch.randn_like(out))
+        out = linear_flipout(x, w.loc, w.scale, plain_bias)
     return _add_bias(out, bias, -1)
 
 
@@ -422,17 +411,17 @@ def _dispatch_linear(input, weight, bias=None):
     if not isinstance(weight, LazyWeight):
         if isinstance(bias, LazyWeight):
             return _add_bias(F.linear(input, weight), bias, -1)
-        raise _Unsupported("the input of F.linear cannot be lazy")
+        raise UnsupportedOperation("the input of F.linear cannot be lazy")
     return lazy_linear(input, weight, bias)
 
 
 def _dispatch_matmul(func, a, b, **kwargs):
     if kwargs:
-        raise _Unsupported(f"keyword arguments {sorted(kwargs)}")
+        raise UnsupportedOperation(f"keyword arguments {sorted(kwargs)}")
     if func is torch.Tensor.__rmatmul__:
         a, b = b, a
     if isinstance(a, LazyWeight) and isinstance(b, LazyWeight):
-        raise _Unsupported("both operands are lazy")
+        raise UnsupportedOperation("both operands are lazy")
     if isinstance(b, LazyWeight):
         if b.dim() == 1:  # x @ w with w of shape (in,)
             return lazy_linear(a, _view(b, lambda t: t.unsqueeze(0))).squeeze(-1)
@@ -440,7 +429,7 @@ def _dispatch_matmul(func, a, b, **kwargs):
         return lazy_linear(a, _view(b, lambda t: t.t()))
     # W @ x: examples are the columns of x
     if a.dim() == 1:
-        raise _Unsupported("a 1-dim lazy vector on the left of matmul")
+        raise UnsupportedOperation("a 1-dim lazy vector on the left of matmul")
     _check_weight(a, 2, "matmul")
     if b.dim() == 1:
         return lazy_linear(b, a)
@@ -449,15 +438,15 @@ def _dispatch_matmul(func, a, b, **kwargs):
 
 def _dispatch_add(func, a, b, **kwargs):
     if kwargs:
-        raise _Unsupported(f"keyword arguments {sorted(kwargs)}")
+        raise UnsupportedOperation(f"keyword arguments {sorted(kwargs)}")
     if isinstance(a, LazyWeight) == isinstance(b, LazyWeight):
-        raise _Unsupported("exactly one operand of the addition may be lazy")
+        raise UnsupportedOperation("exactly one operand of the addition may be lazy")
     lazy, other = (a, b) if isinstance(a, LazyWeight) else (b, a)
     if not torch.is_tensor(other):
-        raise _Unsupported("a lazy bias can only be added to a tensor of pre-activations")
+        raise UnsupportedOperation("a lazy bias can only be added to a tensor of pre-activations")
     shape = torch.broadcast_shapes(lazy.shape, other.shape)
     if shape == lazy.shape or sum(s > 1 for s in lazy.shape) > 1:
-        raise _Unsupported(
+        raise UnsupportedOperation(
             "only a bias-like lazy tensor (one non-singleton dim) can be added to a batch of pre-activations"
         )
     return other + _sample_like(lazy, shape)
@@ -480,46 +469,22 @@ def lazy_conv(nd, x, w, bias=None, stride=1, padding=0, dilation=1, groups=1):
     """
     _check_weight(w, nd + 2, f"conv{nd}d")
     if isinstance(x, LazyWeight):
-        raise _Unsupported("both operands are lazy")
+        raise UnsupportedOperation("both operands are lazy")
     conv = (F.conv1d, F.conv2d, F.conv3d)[nd - 1]
     kw = dict(stride=stride, padding=padding, dilation=dilation, groups=groups)
     unbatched = x.dim() == nd + 1
     if unbatched:
         x = x.unsqueeze(0)
-    loc = w._loc
-    spatial = (1,) * nd
-    if not w.is_correlated:
-        if w.estimator == "mean":
-            out = conv(x, loc, None, **kw)
-        elif w.estimator == "per-example":
-            n, groups = x.shape[0], kw.pop("groups")
-            ws = loc + w._scale * torch.randn((n,) + loc.shape, dtype=loc.dtype, device=loc.device)
-            out = conv(x.reshape(1, -1, *x.shape[2:]), ws.reshape(-1, *loc.shape[1:]), None, groups=n * groups, **kw)
-            out = out.reshape(n, loc.shape[0], *out.shape[2:])
-        elif w.estimator == "lrt":
-            gamma = conv(x, loc, None, **kw)
-            out = torch.addcmul(gamma, _sqrt(conv(x * x, w._variance, None, **kw)), torch.randn_like(gamma))
-        else:
-            delta_w = w._scale * torch.randn_like(loc)
-            gamma = conv(x, loc, None, **kw)
-            sign_in = _rademacher(x.shape[:2] + spatial, x)
-            sign_out = _rademacher(gamma.shape[:2] + spatial, gamma)
-            out = gamma + conv(x * sign_in, delta_w, None, **kw) * sign_out
+    if w.is_correlated:
+        out = conv_correlated(conv, x, w.loc, w.noise_scale, **kw)
+    elif w.estimator == MEAN:
+        out = conv_mean(conv, x, w.loc, **kw)
+    elif w.estimator == PER_EXAMPLE:
+        out = conv_per_example(conv, x, w.loc, w.scale, **kw)
+    elif w.estimator == LRT:
+        out = conv_lrt(conv, x, w.loc, w.variance, **kw)
     else:
-        noise = w._noise_scale
-        if any(k != 1 for k in noise.shape[2:]):
-            raise _Unsupported(f"correlated noise along kernel positions (noise shape {tuple(noise.shape)})")
-        n_out, n_in = noise.shape[:2]
-        if n_in == 1:  # per output channel, or one noise for the whole layer
-            out = conv(x, loc, None, **kw)
-            eps = torch.randn(out.shape[:1] + (n_out,) + spatial, dtype=out.dtype, device=out.device)
-            out = out * (1 + noise.reshape((1, n_out) + spatial) * eps)
-        elif n_out == 1:  # per input channel (within a group; all groups share the noise variables)
-            eps = torch.randn(x.shape[0], n_in, dtype=x.dtype, device=x.device)
-            xi = (1 + noise.reshape(1, n_in) * eps).repeat(1, groups)
-            out = conv(x * xi.reshape(xi.shape + spatial), loc, None, **kw)
-        else:
-            raise _Unsupported(f"correlated noise of shape {tuple(noise.shape)}")
+        out = conv_flipout(conv, x, w.loc, w.scale, **kw)
     out = _add_bias(out, bias, 1)
     return out.squeeze(0) if unbatched else out
 
@@ -531,7 +496,7 @@ def _dispatch_conv(nd, *args, **kwargs):
     bound = dict(zip(_CONV_ARGS, args))
     for k, v in kwargs.items():
         if k not in _CONV_ARGS or k in bound:
-            raise _Unsupported(f"unexpected keyword argument {k!r}")
+            raise UnsupportedOperation(f"unexpected keyword argument {k!r}")
         bound[k] = v
     x, w = bound.pop("input"), bound.pop("weight")
     if not isinstance(w, LazyWeight):
@@ -541,8 +506,8 @@ def _dispatch_conv(nd, *args, **kwargs):
             out = conv(x if x.dim() == nd + 2 else x.unsqueeze(0), w, None, **bound)
             out = _add_bias(out, b, 1)
             return out if x.dim() == nd + 2 else out.squeeze(0)
-        raise _Unsupported("the input of a convolution cannot be lazy")
+        raise UnsupportedOperation("the input of a convolution cannot be lazy")
     return lazy_conv(nd, x, w, **bound)
 
 
-__all__ = ["ESTIMATORS", "LazyWeight", "LazyWeightError", "lazy_conv", "lazy_linear"]
+__all__ = ["ESTIMATORS", "LazyWeight", "LazyWeightError", "UnsupportedOperation", "lazy_conv", "lazy_linear"]

@@ -7,14 +7,16 @@ from pyro.distributions import Delta
 from pyro.distributions.score_parts import ScoreParts
 from pyro.distributions.util import scale_and_mask
 from pyro.poutine.messenger import Messenger
-from pyro.poutine.runtime import _PYRO_STACK
 from pyro.poutine.trace_messenger import TraceMessenger
 from torch.distributions import Independent, kl_divergence
 
 from pyro_vdrop.distributions import CorrelatedVariationalDropoutNormal, VariationalDropoutNormal
+from pyro_vdrop.distributions.util import base_distribution
 
-from .lazy_weight import ESTIMATORS, LazyWeight
+from .estimators import ESTIMATORS, LRT
+from .lazy_weight import LazyWeight
 from .local_reparam_site import LocalReparamSite
+from .runtime import handlers_outside
 
 _AUX_SUFFIX = "_unconstrained"
 _DROPOUT_POSTERIORS = (VariationalDropoutNormal, CorrelatedVariationalDropoutNormal)
@@ -86,7 +88,7 @@ class LocalReparamMessenger(Messenger):
     def __init__(
         self,
         *,
-        estimator: str = "lrt",
+        estimator: str = LRT,
         sites: Collection[str] | Callable[[str, dict], bool] | None = None,
         fallback: bool = False,
     ):
@@ -116,17 +118,15 @@ class LocalReparamMessenger(Messenger):
         if msg["is_observed"] or msg["value"] is not None:
             return
         fn = msg["fn"]
-        base = fn
-        while isinstance(base, Independent):
-            base = base.base_dist
+        base = base_distribution(fn, Independent)
         if isinstance(base, LocalReparamSite):
             return
         if isinstance(base, Delta) and isinstance(base.v, LazyWeight):
             # An autoguide's (AutoNormal's) site on top of a lazy auxiliary value. The lazy value passed
             # through the transform unchanged, so the transform is the identity and the site's value is
             # distributed as the auxiliary Gaussian: record that distribution, so that an analytic KL applies.
-            q = base.v._root().distribution
-            if base.v._parent is None and q.batch_shape == fn.batch_shape and q.event_shape == fn.event_shape:
+            q = base.v.root.distribution
+            if base.v.root is base.v and q.batch_shape == fn.batch_shape and q.event_shape == fn.event_shape:
                 msg["fn"] = q
                 msg["value"] = base.v
                 self._origins.add(id(msg))
@@ -157,11 +157,10 @@ class LocalReparamMessenger(Messenger):
         if origin:
             self._record_origin(msg, value)
         else:
-            self._record_kl(msg, value._root())
+            self._record_kl(msg, value.root)
 
     def _check_outside_trace(self, name):
-        index = _PYRO_STACK.index(self)
-        if any(isinstance(frame, TraceMessenger) for frame in _PYRO_STACK[:index]):
+        if any(isinstance(frame, TraceMessenger) for frame in handlers_outside(self)):
             raise RuntimeError(
                 f"local_reparam at site {name!r}: the handler is inside a poutine.trace, which records the site "
                 "before the handler can fill in its analytic log-density. Apply local_reparam outside the trace, "
@@ -177,7 +176,7 @@ class LocalReparamMessenger(Messenger):
         # Recorded as a LocalReparamSite: TraceMeanField_ELBO then finds no registered KL for the site and
         # uses the terms recorded here and on the model site, so that the KL is computed once, not twice.
         msg["fn"] = LocalReparamSite(msg["fn"], lazy)
-        zero = lazy._loc.new_zeros(()).expand(msg["fn"].batch_shape)
+        zero = lazy.loc.new_zeros(()).expand(msg["fn"].batch_shape)
         msg["unscaled_log_prob"] = zero
         msg["log_prob"] = zero
         msg["log_prob_sum"] = zero.sum()

@@ -268,8 +268,8 @@ def test_moments_are_computed_only_when_the_estimator_needs_them(estimator, uses
     assert {"scale"} & uses == ({"scale"} if fn._scale is not None else set())
     assert {"variance"} & uses == ({"variance"} if fn._variance is not None else set())
     wt = w.T
-    assert torch.equal(wt._variance, (log_alpha.exp() * loc**2).T)
-    assert torch.equal(wt._scale, fn.scale.T)
+    assert torch.equal(wt.variance, (log_alpha.exp() * loc**2).T)
+    assert torch.equal(wt.scale, fn.scale.T)
 
 
 UNSUPPORTED = {

@@ -1,0 +1,159 @@
+# SPDX-License-Identifier: Apache-2.0
+r"""
+The kernels behind :class:`~pyro_vdrop.poutine.LazyWeight`: one function per estimator and linear op, each a
+sample of the op's output for a Gaussian weight, on plain tensors (the weight's mean and the moment that the
+estimator needs) so that new ops and layers can reuse them.
+
+For a linear op :math:`\mathrm{op}(x, W)` and :math:`W \sim \mathcal{N}(\mu, \sigma^2)` elementwise:
+
+- ``*_lrt``: the local reparameterization trick [1, §2.3],
+  :math:`\mathrm{op}(x, \mu) + \sqrt{\mathrm{op}(x^2, \sigma^2)} \odot \zeta`;
+- ``*_flipout``: Flipout [2], :math:`\mathrm{op}(x, \mu) + \mathrm{op}(x \odot s, \sigma \odot \epsilon) \odot r`
+  with random signs :math:`r, s` per example;
+- ``*_per_example``: an explicit weight sample per example;
+- ``*_mean``: the posterior mean, no noise;
+- ``*_correlated``: noise shared by a weight's input (output) units, drawn as Gaussian noise
+  :math:`\xi \sim \mathcal{N}(1, \alpha)` on the op's input (output), once per example [1, §3.3].
+
+The convolution kernels take the convolution function (``F.conv1d/2d/3d``) and a batched input ``(N, C, ...)``.
+An unsupported layout raises :class:`UnsupportedOperation`.
+
+**References**
+
+[1] Kingma, Salimans, Welling. "Variational Dropout and the Local Reparameterization Trick." NeurIPS 2015.
+[2] Wen, Vicol, Ba, Tran, Grosse. "Flipout: Efficient Pseudo-Independent Weight Perturbations on Mini-Batches."
+    ICLR 2018.
+"""
+
+import torch
+import torch.nn.functional as F
+
+
+class UnsupportedOperation(Exception):
+    """A lazy weight is used in a way that the kernels cannot sample exactly; the message says why."""
+
+
+def _rademacher(shape, like):
+    return torch.empty(shape, dtype=like.dtype, device=like.device).bernoulli_(0.5).mul_(2).sub_(1)
+
+
+def _sqrt(delta):
+    # tiny keeps the gradient of sqrt finite where an example's inputs are all zero; in place: ``delta`` is
+    # the fresh output of a linear op, whose backward does not need it
+    return delta.add_(torch.finfo(delta.dtype).tiny).sqrt_()
+
+
+# ----- F.linear: x of shape (..., in), weight of shape (out, in) -----
+
+
+def linear_mean(x, loc, bias=None):
+    """``F.linear(x, loc, bias)``: the posterior mean, no noise."""
+    return F.linear(x, loc, bias)
+
+
+def linear_lrt(x, loc, variance, bias=None):
+    """An LRT sample of ``F.linear(x, W, bias)``, independent for every leading index of ``x``."""
+    gamma = F.linear(x, loc, bias)
+    return torch.addcmul(gamma, _sqrt(F.linear(x * x, variance)), torch.randn_like(gamma))
+
+
+def linear_flipout(x, loc, scale, bias=None):
+    """A Flipout sample of ``F.linear(x, W, bias)``, with random signs per example."""
+    gamma = F.linear(x, loc, bias)
+    delta_w = scale * torch.randn_like(loc)
+    sign_in = _rademacher(x.shape, x)
+    sign_out = _rademacher(gamma.shape, gamma)
+    return gamma + F.linear(x * sign_in, delta_w) * sign_out
+
+
+def linear_per_example(x, loc, scale, bias=None):
+    """``F.linear`` with an explicit weight sample for every leading index of ``x``."""
+    ws = loc + scale * torch.randn(x.shape[:-1] + loc.shape, dtype=loc.dtype, device=loc.device)
+    out = torch.einsum("...i,...oi->...o", x, ws)
+    return out if bias is None else out + bias
+
+
+def linear_correlated(x, loc, noise_scale):
+    r"""
+    ``F.linear(x, W)`` for :math:`W = \xi \odot \mu` with :math:`\xi \sim \mathcal{N}(1, \alpha)` shared along
+    the input units, the output units or the whole layer, as ``noise_scale`` (:math:`\sqrt\alpha`, of shape
+    ``(1 or out, 1 or in)``) says; drawn once per example.
+    """
+    n_out, n_in = noise_scale.shape
+    if n_out == 1 and n_in == 1:
+        out = F.linear(x, loc)
+        eps = torch.randn(out.shape[:-1] + (1,), dtype=out.dtype, device=out.device)
+        return out * (1 + noise_scale.reshape(()) * eps)
+    if n_out == 1:  # noise per input unit: Gaussian dropout on the inputs
+        return F.linear(x * (1 + noise_scale.reshape(-1) * torch.randn_like(x)), loc)
+    out = F.linear(x, loc)  # noise per output unit
+    return out * (1 + noise_scale.reshape(-1) * torch.randn_like(out))
+
+
+# ----- F.conv1d/2d/3d: x of shape (N, in, *spatial), weight of shape (out, in/groups, *kernel) -----
+
+
+def conv_mean(conv, x, loc, **kwargs):
+    """``conv(x, loc, **kwargs)``: the posterior mean, no noise."""
+    return conv(x, loc, None, **kwargs)
+
+
+def conv_lrt(conv, x, loc, variance, **kwargs):
+    """An LRT sample of ``conv(x, W)``, independent for every output element."""
+    gamma = conv(x, loc, None, **kwargs)
+    return torch.addcmul(gamma, _sqrt(conv(x * x, variance, None, **kwargs)), torch.randn_like(gamma))
+
+
+def conv_flipout(conv, x, loc, scale, **kwargs):
+    """A Flipout sample of ``conv(x, W)``, with random signs per example and channel."""
+    spatial = (1,) * (x.dim() - 2)
+    delta_w = scale * torch.randn_like(loc)
+    gamma = conv(x, loc, None, **kwargs)
+    sign_in = _rademacher(x.shape[:2] + spatial, x)
+    sign_out = _rademacher(gamma.shape[:2] + spatial, gamma)
+    return gamma + conv(x * sign_in, delta_w, None, **kwargs) * sign_out
+
+
+def conv_per_example(conv, x, loc, scale, *, groups=1, **kwargs):
+    """``conv`` with an explicit weight sample for every example (one grouped convolution)."""
+    n = x.shape[0]
+    ws = loc + scale * torch.randn((n,) + loc.shape, dtype=loc.dtype, device=loc.device)
+    out = conv(x.reshape(1, -1, *x.shape[2:]), ws.reshape(-1, *loc.shape[1:]), None, groups=n * groups, **kwargs)
+    return out.reshape(n, loc.shape[0], *out.shape[2:])
+
+
+def conv_correlated(conv, x, loc, noise_scale, *, groups=1, **kwargs):
+    r"""
+    ``conv(x, W)`` for :math:`W = \xi \odot \mu` with :math:`\xi \sim \mathcal{N}(1, \alpha)` per input channel
+    (within a group; all groups share the noise variables), per output channel, or one for the layer, as
+    ``noise_scale`` (:math:`\sqrt\alpha`, of shape ``(1 or out, 1 or in/groups, 1, ...)``) says; drawn once per
+    example.
+    """
+    spatial = (1,) * (x.dim() - 2)
+    if any(k != 1 for k in noise_scale.shape[2:]):
+        raise UnsupportedOperation(f"correlated noise along kernel positions (noise shape {tuple(noise_scale.shape)})")
+    n_out, n_in = noise_scale.shape[:2]
+    if n_in == 1:  # per output channel, or one noise for the whole layer
+        out = conv(x, loc, None, groups=groups, **kwargs)
+        eps = torch.randn(out.shape[:1] + (n_out,) + spatial, dtype=out.dtype, device=out.device)
+        return out * (1 + noise_scale.reshape((1, n_out) + spatial) * eps)
+    if n_out == 1:
+        eps = torch.randn(x.shape[0], n_in, dtype=x.dtype, device=x.device)
+        xi = (1 + noise_scale.reshape(1, n_in) * eps).repeat(1, groups)
+        return conv(x * xi.reshape(xi.shape + spatial), loc, None, groups=groups, **kwargs)
+    raise UnsupportedOperation(f"correlated noise of shape {tuple(noise_scale.shape)}")
+
+
+__all__ = [
+    "UnsupportedOperation",
+    "conv_correlated",
+    "conv_flipout",
+    "conv_lrt",
+    "conv_mean",
+    "conv_per_example",
+    "linear_correlated",
+    "linear_flipout",
+    "linear_lrt",
+    "linear_mean",
+    "linear_per_example",
+]
