@@ -20,8 +20,6 @@ Trick." NeurIPS 2015.
 # - PyroOptim._add_params / torch.optim.Optimizer internals in pyro_vdrop/optim and nn.Module._apply in
 #   nn/bayesian_module.py: overridden hooks.
 # - torch.distributions.utils._standard_normal in distributions/correlated_variational_dropout_normal.py.
-# Our own: CorrelatedVariationalDropoutNormal._noise_log_alpha(), read by poutine/lazy_weight.py until that
-# distribution (maintained separately) offers a public noise_log_alpha.
 from pyro_vdrop import datasets, distributions, infer, nn, optim, poutine
 from pyro_vdrop.arviz import to_inference_data
 from pyro_vdrop.poutine import local_reparam

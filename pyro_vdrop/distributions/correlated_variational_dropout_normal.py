@@ -91,8 +91,10 @@ class CorrelatedVariationalDropoutNormal(TorchDistribution):
     def alpha(self):
         return self.log_alpha.exp()
 
-    def _noise_log_alpha(self):
-        # log_alpha restricted to the noise shape (one entry per noise variable).
+    @property
+    def noise_log_alpha(self) -> torch.Tensor:
+        r""":math:`\log\alpha` of the noise variables, of shape :attr:`noise_shape` (one entry per noise
+        variable; the entries along the shared size-1 dims are equal by construction)."""
         index = tuple(slice(0, 1) if n == 1 else slice(None) for n in self.noise_shape)
         return self.log_alpha[index]
 
@@ -103,7 +105,7 @@ class CorrelatedVariationalDropoutNormal(TorchDistribution):
         # the noise is clamped to the dtype's finite range, so that θ = 0 gives w = 0 (not inf * 0 = NaN) where
         # sqrt(α) ε overflows
         big = torch.finfo(self.loc.dtype).max
-        s = (1 + clamped_exp(0.5 * self._noise_log_alpha()) * eps).clamp(-big, big)
+        s = (1 + clamped_exp(0.5 * self.noise_log_alpha) * eps).clamp(-big, big)
         return (self.loc * s).expand(shape)
 
     def sample(self, sample_shape=torch.Size()):

@@ -152,7 +152,7 @@ class LazyWeight(torch.Tensor):
             return None
         kwargs = dict(site=site, estimator=estimator, distribution=fn, fallback=fallback, auxiliary=auxiliary)
         if isinstance(base, CorrelatedVariationalDropoutNormal) and base.noise_shape != base.batch_shape:
-            return cls(base.loc, noise_scale=(0.5 * base._noise_log_alpha()).exp(), **kwargs)
+            return cls(base.loc, noise_scale=(0.5 * base.noise_log_alpha).exp(), **kwargs)
         # a Normal, or a correlated posterior with nothing shared (independent noise)
         return cls(base.loc, moments=base, **kwargs)
 

@@ -31,7 +31,8 @@ Under ``torchrun`` (or any launcher that initialises the default :mod:`torch.dis
 
 The package keeps one concern per module: :mod:`~pyro_vdrop.train.config` (the configuration),
 :mod:`~pyro_vdrop.train.components` (data, network, model, guide), :mod:`~pyro_vdrop.train.run_dir` (atomic
-files, metrics, the lock), :mod:`~pyro_vdrop.train.checkpoint` (plain-data checkpoints), :mod:`~pyro_vdrop.train.session` (the live objects of a run),
+files, metrics, the lock), :mod:`~pyro_vdrop.train.checkpoint` (plain-data checkpoints),
+:mod:`~pyro_vdrop.train.session` (the live objects of a run),
 :mod:`~pyro_vdrop.train.loop` (:func:`fit`), :mod:`~pyro_vdrop.train.evaluation`,
 :mod:`~pyro_vdrop.train.distributed` and :mod:`~pyro_vdrop.train.report`.
 

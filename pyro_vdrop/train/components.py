@@ -3,13 +3,13 @@
 The pieces of a run built from its :class:`~pyro_vdrop.train.TrainConfig`: data, network, model, guide, estimator.
 """
 
-import contextlib
 from typing import Any
 
 import numpy as np
 import torch
 
-from pyro_vdrop.train.config import A2_KL_SCALE, DEVICES, SPARSE_LOG_ALPHA_CLIP, TrainConfig
+from pyro_vdrop.poutine.handlers import estimator_handler
+from pyro_vdrop.train.config import DEVICES, TrainConfig
 from pyro_vdrop.train.errors import RunError
 
 
@@ -85,22 +85,14 @@ def build_guide(model, config: TrainConfig, *, init_values: dict | None = None):
 
     :param dict init_values: Initial θ per site (e.g. a pretrained network's weights); default fan-in init.
     """
-    from pyro_vdrop.infer import AutoVariationalDropout
+    from pyro_vdrop.infer.autoguide import AutoVariationalDropout, preset
 
-    options: dict[str, Any] = {}
+    overrides: dict[str, Any] = {}
     if init_values is not None:
-        options["init_loc_fn"] = _init_to_values(init_values)
-    if config.guide == "sparse":
-        options.update(noise="independent", parameterization="additive", log_alpha_clip=SPARSE_LOG_ALPHA_CLIP)
-    elif config.guide == "B":
-        options.update(noise="independent", kl_approx="kingma")
-    elif config.guide in ("A", "A2"):
-        options.update(noise="correlated", kl_approx="kingma")
-        if config.guide == "A2":
-            options["kl_scale"] = A2_KL_SCALE
-    else:
-        options.update(noise="correlated", dropout_rate=config.dropout_p, kl_approx="kingma")
-    return AutoVariationalDropout(model, **options)
+        overrides["init_loc_fn"] = _init_to_values(init_values)
+    if config.guide == "gaussian-dropout":
+        overrides["dropout_rate"] = config.dropout_p
+    return AutoVariationalDropout(model, options=preset(config.guide, **overrides))
 
 
 def _init_to_values(values: dict):
@@ -109,15 +101,6 @@ def _init_to_values(values: dict):
     from pyro_vdrop.infer import init_to_fan_in
 
     return init_to_value(values=values, fallback=init_to_fan_in)
-
-
-def estimator_handler(estimator: str):
-    """A context manager for the estimator: :func:`~pyro_vdrop.poutine.local_reparam` or nothing."""
-    if estimator == "single-sample":
-        return contextlib.nullcontext()
-    from pyro_vdrop.poutine import local_reparam
-
-    return local_reparam(estimator=estimator)
 
 
 def batches(n: int, size: int):

@@ -6,21 +6,24 @@ The configuration of a training run (:class:`TrainConfig`), the KL warm-up and t
 import dataclasses
 import math
 
+from pyro_vdrop.infer.autoguide.presets import A2_KL_SCALE
+from pyro_vdrop.infer.sparsity import PRUNE_LOG_ALPHA_THRESHOLD, SPARSE_VD_LOG_ALPHA_CLIP
+from pyro_vdrop.poutine.estimators import FLIPOUT, LRT, MEAN, SINGLE_SAMPLE
 from pyro_vdrop.train.errors import RunError
 
 MODELS = ("mlp", "lenet300", "lenet5")
 DATASETS = ("embedded", "mnist")
+#: The guides: the paper variants of :data:`pyro_vdrop.infer.autoguide.PRESETS`.
 GUIDES = ("sparse", "A", "A2", "B", "gaussian-dropout")
-ESTIMATORS = ("lrt", "flipout", "single-sample", "mean")
+#: The estimators the training loop offers (:mod:`pyro_vdrop.poutine.estimators`; "per-example" is a diagnostic).
+ESTIMATORS = (LRT, FLIPOUT, SINGLE_SAMPLE, MEAN)
 DEVICES = ("auto", "cpu", "cuda")
 LR_DECAYS = ("linear", "none")
 
-#: Weights with :math:`\log\alpha` above this are pruned (Molchanov et al. [2], §4.3).
-PRUNE_THRESHOLD = 3.0
-#: "A2" is variant A with the KL term scaled down by a factor of 3 (Kingma et al. [1], §5).
-A2_KL_SCALE = 1.0 / 3.0
-#: Sparse VD clips :math:`\log\alpha` to this interval inside the KL (Molchanov et al. [2], §4.1).
-SPARSE_LOG_ALPHA_CLIP = (-8.0, 8.0)
+#: Weights with :math:`\log\alpha` above this are pruned (:mod:`pyro_vdrop.infer.sparsity`).
+PRUNE_THRESHOLD = PRUNE_LOG_ALPHA_THRESHOLD
+#: Sparse VD clips :math:`\log\alpha` to this interval inside the KL (:mod:`pyro_vdrop.infer.sparsity`).
+SPARSE_LOG_ALPHA_CLIP = SPARSE_VD_LOG_ALPHA_CLIP
 
 #: Options that may differ when a run is resumed or evaluated (where the data is, where to compute).
 RUNTIME_FIELDS = ("data_dir", "device")

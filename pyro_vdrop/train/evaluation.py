@@ -12,6 +12,7 @@ import pyro
 import torch
 from pyro import poutine
 
+from pyro_vdrop.infer.sparsity import prune_params
 from pyro_vdrop.train.checkpoint import checkpoint_config, load_checkpoint
 from pyro_vdrop.train.components import batches, estimator_handler, select_device
 from pyro_vdrop.train.config import PRUNE_THRESHOLD, replace_config
@@ -68,7 +69,8 @@ def error_rate(logits: torch.Tensor, y: torch.Tensor) -> float:
 
 def sparsity_stats(guide, *, threshold: float = PRUNE_THRESHOLD) -> dict:
     r"""
-    :meth:`~pyro_vdrop.infer.AutoVariationalDropout.sparsity` in the run's terms: ``weights``, ``kept``
+    :meth:`~pyro_vdrop.infer.AutoVariationalDropout.sparsity` (:func:`~pyro_vdrop.infer.sparsity.sparsity_summary`)
+    in the terms of the run's files (``metrics.csv``, ``summary.json``, ``evaluation.json``): ``weights``, ``kept``
     (:math:`\log\alpha \le` ``threshold``), ``sparsity`` (pruned share), ``compression`` (weights / kept, as in
     [2]) and ``layers`` (the same per weight site).
     """
@@ -87,10 +89,7 @@ def sparsity_stats(guide, *, threshold: float = PRUNE_THRESHOLD) -> dict:
 
 def pruned_params(theta: dict, log_alpha: dict, *, threshold: float = PRUNE_THRESHOLD) -> dict:
     r"""θ with the weights of :math:`\log\alpha >` ``threshold`` set to 0 [2]."""
-    out = dict(theta)
-    for name, la in log_alpha.items():
-        out[name] = torch.where(la.expand(theta[name].shape) > threshold, torch.zeros_like(theta[name]), theta[name])
-    return out
+    return prune_params(theta, log_alpha, threshold)
 
 
 def posterior(guide) -> tuple[dict, dict]:

@@ -14,6 +14,7 @@ from pyro import poutine
 from pyro.infer import SVI, TraceMeanField_ELBO
 from pyro.poutine.messenger import Messenger
 
+from pyro_vdrop.distributions.util import base_distribution
 from pyro_vdrop.train.checkpoint import CHECKPOINT_VERSION, rng_state
 from pyro_vdrop.train.components import (
     batches,
@@ -32,12 +33,6 @@ from pyro_vdrop.train.errors import RunError
 EVAL_BATCH = 1000
 
 
-def _likelihood_dist(fn):
-    while hasattr(fn, "base_dist"):
-        fn = fn.base_dist
-    return fn
-
-
 class ObservedLogits(Messenger):
     """Records the logits and the scaled log-likelihood of the model's Categorical observation site."""
 
@@ -48,7 +43,7 @@ class ObservedLogits(Messenger):
         self.name = None
 
     def _pyro_post_sample(self, msg):
-        fn = _likelihood_dist(msg["fn"])
+        fn = base_distribution(msg["fn"])
         if not (msg["is_observed"] and isinstance(fn, torch.distributions.Categorical)):
             return
         if self.name is not None and self.name != msg["name"]:
