@@ -12,6 +12,7 @@ import pyro
 import torch
 from pyro import poutine
 
+from pyro_vdrop.infer.predictive import trace_guide_then_model
 from pyro_vdrop.infer.sparsity import prune_params
 from pyro_vdrop.train.checkpoint import checkpoint_config, load_checkpoint
 from pyro_vdrop.train.components import batches, estimator_handler, select_device
@@ -51,8 +52,8 @@ def predictive_probs(
             probs = 0.0
             for _ in range(num_samples):
                 with estimator_handler(estimator):
-                    guide_trace = poutine.trace(guide).get_trace(x[s], y[s])
-                    logits = poutine.replay(model, trace=guide_trace)(x[s], y[s])
+                    _, model_trace = trace_guide_then_model(model, guide, (x[s], y[s]))
+                logits = model_trace.nodes["_RETURN"]["value"]
                 probs = probs + logits.softmax(-1)
             out.append(probs / num_samples)
     return torch.cat(out)

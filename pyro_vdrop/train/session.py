@@ -10,11 +10,11 @@ from pathlib import Path
 import pyro
 import torch
 import torch.distributed as dist
-from pyro import poutine
 from pyro.infer import SVI, TraceMeanField_ELBO
 from pyro.poutine.messenger import Messenger
 
 from pyro_vdrop.distributions.util import base_distribution
+from pyro_vdrop.infer.predictive import trace_guide_then_model
 from pyro_vdrop.train.checkpoint import CHECKPOINT_VERSION, rng_state
 from pyro_vdrop.train.components import (
     batches,
@@ -249,8 +249,7 @@ class Session:
         up the traces)."""
         x, y = self.x_train[: self.config.batch_size], self.y_train[: self.config.batch_size]
         with torch.no_grad():
-            guide_trace = poutine.trace(self.guide).get_trace(x, y)
-            model_trace = poutine.trace(poutine.replay(self.model, trace=guide_trace)).get_trace(x, y)
+            guide_trace, model_trace = trace_guide_then_model(self.model, self.guide, (x, y))
         total = 0.0
         for name, site in guide_trace.nodes.items():
             if site["type"] != "sample" or name not in model_trace.nodes:

