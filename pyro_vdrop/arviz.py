@@ -5,6 +5,9 @@ Export of a fitted model and guide to ArviZ (:func:`to_inference_data`).
 The groups follow ArviZ's InferenceData schema, plus one custom group, ``variational``,
 that holds what a variational-dropout posterior is made of: the means :math:`\\theta`,
 the dropout rates :math:`\\log\\alpha` and the per-layer sparsity.
+
+xarray and ArviZ are imported on the first call, not with this module, so that ``import pyro_vdrop`` does not
+load them.
 """
 
 import inspect
@@ -16,7 +19,6 @@ import numpy as np
 import pyro
 import pyro.distributions as dist
 import torch
-import xarray as xr
 from pyro.poutine.util import site_is_subsample
 from torch.distributions import constraints
 
@@ -643,6 +645,8 @@ def _layer_dims(model, name, shape):
 
 
 def _dataset(data, data_dims, coords, attrs, *, sample_dims=False):
+    import xarray as xr
+
     variables = {}
     lead = ["chain", "draw"] if sample_dims else []
     for name, value in data.items():
@@ -712,6 +716,7 @@ def _attrs(reparam, chains, num_samples, sites, posterior_names):
 
 def _inference_data(groups, attrs):
     import arviz as az
+    import xarray as xr
 
     if hasattr(az, "InferenceData"):
         return az.InferenceData(attrs=attrs, **groups)

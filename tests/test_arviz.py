@@ -535,3 +535,26 @@ def test_arviz_1_returns_a_datatree(monkeypatch):
     assert tree["posterior"]["w"].dims == ("chain", "draw", "w_dim_0")
     idata = az.from_datatree(tree)
     assert np.isfinite(az.loo(idata)["elpd_loo"])
+
+
+# ---------------------------------------------------------------------------------------
+# importing
+
+
+@pytest.mark.parametrize("module", ["pyro_vdrop", "pyro_vdrop.distributions"])
+def test_import_does_not_load_arviz_or_xarray(module):
+    # ArviZ and xarray are imported on the first call of to_inference_data, not by `import pyro_vdrop`.
+    import pyro_vdrop
+
+    root = os.path.dirname(os.path.dirname(pyro_vdrop.__file__))
+    script = (
+        f"import sys, {module}, pyro_vdrop; "
+        "assert callable(pyro_vdrop.to_inference_data); "
+        "print(pyro_vdrop.__file__, 'xarray' in sys.modules, 'arviz' in sys.modules)"
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120)
+    assert result.returncode == 0, result.stderr
+    path, xarray_loaded, arviz_loaded = result.stdout.split()
+    assert path == pyro_vdrop.__file__
+    assert (xarray_loaded, arviz_loaded) == ("False", "False")
