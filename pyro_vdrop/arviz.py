@@ -22,6 +22,7 @@ import torch
 from pyro.poutine.util import site_is_subsample
 from torch.distributions import constraints
 
+from pyro_vdrop.distributions import ImproperLogUniform
 from pyro_vdrop.distributions.util import base_distribution, normal_log_alpha, safe_log_abs
 from pyro_vdrop.infer.predictive import trace_guide_then_model
 from pyro_vdrop.infer.sparsity import PRUNE_LOG_ALPHA_THRESHOLD, sparsity_summary
@@ -81,9 +82,12 @@ def to_inference_data(
     - ``variational`` (custom group, no ``chain``/``draw`` dims): for every latent site,
       ``"<site>_theta"`` (the posterior mean or median :math:`\theta`) and
       ``"<site>_log_alpha"`` (:math:`\log\alpha`); over the dim ``site``, ``num_weights``,
-      ``num_pruned`` (:math:`\log\alpha >` ``threshold``) and ``sparsity``; ``loss`` (dim
-      ``step``) when ``elbo`` is given. The attributes ``compression`` (weights / kept
-      weights) and ``sparsity_threshold`` summarise the whole model. :math:`\theta` and
+      ``num_pruned`` (:math:`\log\alpha >` ``threshold``) and ``sparsity`` of the weight
+      sites, those whose prior is :class:`~pyro_vdrop.distributions.ImproperLogUniform`
+      (other latents, e.g. a noise scale or a bias with a Normal prior, are not weights that
+      variational dropout prunes); ``loss`` (dim ``step``) when ``elbo`` is given. The
+      attributes ``compression`` (weights / kept weights, over the weight sites) and
+      ``sparsity_threshold`` summarise the whole model. :math:`\theta` and
       :math:`\log\alpha` come, per site and in this order, from ``guide.median()`` and
       ``guide.log_alpha()`` where the guide has them
       (:class:`~pyro_vdrop.infer.AutoVariationalDropout`); from the guide's distribution at
@@ -212,6 +216,7 @@ class _Draws:
         )
         self.posterior_names = _select_posterior(self.sites, model_trace, guide_trace, var_names, max_site_size)
         self.observed = {name: model_trace.nodes[name]["value"] for name in self.sites["observed"]}
+        self.weight_sites = [name for name in self.sites["latent"] if _has_log_uniform_prior(model_trace.nodes[name])]
         moment_sites = [n for n, v in self.variational.items() if "moments" in (v.theta_source, v.log_alpha_source)]
         moments = {name: _Moments() for name in moment_sites}
         for _ in range(self.num_draws):
@@ -280,10 +285,38 @@ class _Converter:
         return _dataset(values, dims, self.coords, self.attrs, sample_dims=True)
 
     def variational_to_xarray(self):
-        """The custom ``variational`` group: θ, log α, the sparsity per site and the losses."""
-        return _variational_dataset(
-            self.draws.variational, self.site_dims, self.coords, self.attrs, self.threshold, self.elbo
+        """
+        The custom ``variational`` group: θ and log α of every latent site; the sparsity of the weight sites
+        (those with the log-uniform prior); the losses.
+        """
+        variational, data, data_dims = self.draws.variational, {}, {}
+        for name, v in variational.items():
+            site_dim = self.site_dims(name, tuple(v.theta.shape))
+            data[f"{name}_theta"] = _to_numpy(v.theta)
+            data[f"{name}_log_alpha"] = _to_numpy(v.log_alpha)
+            data_dims[f"{name}_theta"] = data_dims[f"{name}_log_alpha"] = site_dim
+        summary = sparsity_summary(
+            {name: variational[name].log_alpha for name in self.draws.weight_sites}, self.threshold
         )
+        sites, coords = summary["sites"], self.coords
+        if sites:
+            data["num_weights"] = np.asarray([s["num_weights"] for s in sites.values()], dtype=np.int64)
+            data["num_pruned"] = np.asarray([s["num_pruned"] for s in sites.values()], dtype=np.int64)
+            data["sparsity"] = np.asarray([s["fraction_pruned"] for s in sites.values()], dtype=np.float64)
+            data_dims.update({"num_weights": ["site"], "num_pruned": ["site"], "sparsity": ["site"]})
+            coords = {**coords, "site": list(sites)}
+        if self.elbo is not None:
+            data["loss"] = np.asarray(self.elbo, dtype=np.float64)
+            data_dims["loss"] = ["step"]
+        compression = float(summary["total"]["compression"])
+        group_attrs = {**self.attrs, "sparsity_threshold": float(self.threshold), "compression": compression}
+        ds = _dataset(data, data_dims, coords, group_attrs)
+        for name, v in variational.items():
+            ds[f"{name}_theta"].attrs["source"] = v.theta_source
+            ds[f"{name}_log_alpha"].attrs["source"] = v.log_alpha_source
+        if "loss" in ds:
+            ds["loss"].attrs["long_name"] = "SVI loss (negative ELBO estimate) per step"
+        return ds
 
     def posterior_predictive_to_xarray(self):
         """The ``posterior_predictive`` group, or None when ``predictive=False``."""
@@ -348,6 +381,11 @@ def _value(node):
     """The value of a site; a draw from the weight's distribution if it is a lazy weight."""
     value = node["value"]
     return value.materialize() if isinstance(value, LazyWeight) else value
+
+
+def _has_log_uniform_prior(node):
+    """Whether a site is a weight of variational dropout: its prior is the log-uniform one, maybe expanded."""
+    return isinstance(base_distribution(node["fn"]), ImproperLogUniform)
 
 
 def _is_deterministic(node):
@@ -525,38 +563,6 @@ def _has_real_support(fn):
     while isinstance(support, constraints.independent):
         support = support.base_constraint
     return support is constraints.real
-
-
-def _variational_dataset(variational, site_dims, coords, attrs, threshold, elbo):
-    data, data_dims = {}, {}
-    for name, v in variational.items():
-        site_dim = site_dims(name, tuple(v.theta.shape))
-        data[f"{name}_theta"] = _to_numpy(v.theta)
-        data[f"{name}_log_alpha"] = _to_numpy(v.log_alpha)
-        data_dims[f"{name}_theta"] = data_dims[f"{name}_log_alpha"] = site_dim
-    summary = sparsity_summary({name: v.log_alpha for name, v in variational.items()}, threshold)
-    sites = summary["sites"]
-    if sites:
-        data["num_weights"] = np.asarray([s["num_weights"] for s in sites.values()], dtype=np.int64)
-        data["num_pruned"] = np.asarray([s["num_pruned"] for s in sites.values()], dtype=np.int64)
-        data["sparsity"] = np.asarray([s["fraction_pruned"] for s in sites.values()], dtype=np.float64)
-        data_dims.update({"num_weights": ["site"], "num_pruned": ["site"], "sparsity": ["site"]})
-        coords = {**coords, "site": list(sites)}
-    if elbo is not None:
-        data["loss"] = np.asarray([float(v) for v in elbo], dtype=np.float64)
-        data_dims["loss"] = ["step"]
-    group_attrs = {
-        **attrs,
-        "sparsity_threshold": float(threshold),
-        "compression": float(summary["total"]["compression"]),
-    }
-    ds = _dataset(data, data_dims, coords, group_attrs)
-    for name, v in variational.items():
-        ds[f"{name}_theta"].attrs["source"] = v.theta_source
-        ds[f"{name}_log_alpha"].attrs["source"] = v.log_alpha_source
-    if "loss" in ds:
-        ds["loss"].attrs["long_name"] = "SVI loss (negative ELBO estimate) per step"
-    return ds
 
 
 # ---------------------------------------------------------------------------------------
