@@ -5,6 +5,9 @@ Export of a fitted model and guide to ArviZ (:func:`to_inference_data`).
 The groups follow ArviZ's InferenceData schema, plus one custom group, ``variational``,
 that holds what a variational-dropout posterior is made of: the means :math:`\\theta`,
 the dropout rates :math:`\\log\\alpha` and the per-layer sparsity.
+
+xarray and ArviZ are imported on the first call, not with this module, so that ``import pyro_vdrop`` does not
+load them.
 """
 
 import inspect
@@ -16,10 +19,10 @@ import numpy as np
 import pyro
 import pyro.distributions as dist
 import torch
-import xarray as xr
 from pyro.poutine.util import site_is_subsample
 from torch.distributions import constraints
 
+from pyro_vdrop.distributions import ImproperLogUniform
 from pyro_vdrop.distributions.util import base_distribution, normal_log_alpha, safe_log_abs
 from pyro_vdrop.infer.predictive import trace_guide_then_model
 from pyro_vdrop.infer.sparsity import PRUNE_LOG_ALPHA_THRESHOLD, sparsity_summary
@@ -79,9 +82,12 @@ def to_inference_data(
     - ``variational`` (custom group, no ``chain``/``draw`` dims): for every latent site,
       ``"<site>_theta"`` (the posterior mean or median :math:`\theta`) and
       ``"<site>_log_alpha"`` (:math:`\log\alpha`); over the dim ``site``, ``num_weights``,
-      ``num_pruned`` (:math:`\log\alpha >` ``threshold``) and ``sparsity``; ``loss`` (dim
-      ``step``) when ``elbo`` is given. The attributes ``compression`` (weights / kept
-      weights) and ``sparsity_threshold`` summarise the whole model. :math:`\theta` and
+      ``num_pruned`` (:math:`\log\alpha >` ``threshold``) and ``sparsity`` of the weight
+      sites, those whose prior is :class:`~pyro_vdrop.distributions.ImproperLogUniform`
+      (other latents, e.g. a noise scale or a bias with a Normal prior, are not weights that
+      variational dropout prunes); ``loss`` (dim ``step``) when ``elbo`` is given. The
+      attributes ``compression`` (weights / kept weights, over the weight sites) and
+      ``sparsity_threshold`` summarise the whole model. :math:`\theta` and
       :math:`\log\alpha` come, per site and in this order, from ``guide.median()`` and
       ``guide.log_alpha()`` where the guide has them
       (:class:`~pyro_vdrop.infer.AutoVariationalDropout`); from the guide's distribution at
@@ -159,6 +165,15 @@ def to_inference_data(
     [2] Molchanov, Ashukha, Vetrov. "Variational Dropout Sparsifies Deep Neural
         Networks." ICML 2017.
     """
+    elbo, var_names = _checked_arguments(num_samples, chains, max_site_size, threshold, elbo, var_names)
+    draws = _Draws(model, guide, args, kwargs, predictive=predictive, log_likelihood=log_likelihood)
+    draws.run(chains * num_samples, var_names, max_site_size)
+    converter = _Converter(draws, chains=chains, coords=coords, dims=dims, elbo=elbo, threshold=threshold)
+    return converter.to_inference_data()
+
+
+def _checked_arguments(num_samples, chains, max_site_size, threshold, elbo, var_names):
+    """Raises on a bad argument of :func:`to_inference_data`; returns ``elbo`` and ``var_names`` as lists."""
     _check_positive_int(num_samples, "num_samples")
     _check_positive_int(chains, "chains")
     _check_positive_int(max_site_size, "max_site_size")
@@ -173,94 +188,174 @@ def to_inference_data(
         if isinstance(var_names, str) or not isinstance(var_names, Iterable):
             raise TypeError(f"var_names must be a list of site names, got {var_names!r}")
         var_names = list(var_names)
-    coords = dict(coords or {})
-    dims = {name: list(value) for name, value in (dims or {}).items()}
-    reparam = _local_reparam_estimator()
-    num_draws = chains * num_samples
+    return elbo, var_names
 
-    with torch.no_grad():
+
+class _Draws:
+    """
+    Draws from a guide and from its model replayed against each: what :class:`_Converter` puts in the groups,
+    as ArviZ's ``PyroConverter`` takes them from a fitted ``MCMC``. ``predictive`` and ``log_likelihood`` say
+    whether to draw the ``posterior_predictive`` and ``log_likelihood`` groups.
+    """
+
+    def __init__(self, model, guide, args, kwargs, *, predictive, log_likelihood):
+        self.model, self.guide, self.args, self.kwargs = model, guide, tuple(args), dict(kwargs)
+        self.predictive, self.log_likelihood = predictive, log_likelihood
+        self.local_reparameterization = _local_reparam_estimator()
+        self.values = {"posterior": {}, "posterior_predictive": {}, "log_likelihood": {}}
+
+    @torch.no_grad()
+    def run(self, num_draws, var_names, max_site_size):
+        """Finds the sites, then makes ``num_draws`` draws of those that go in a group."""
+        self.num_draws = num_draws
         # One pass with every outer handler (e.g. local_reparam) hidden: the structure of the model and guide.
-        guide_trace, model_trace = _run(model, guide, args, kwargs, hide_outer=True)
-        sites = _classify_sites(model_trace, guide_trace)
-        variational = _variational_parameters(guide, guide_trace, model_trace, sites["latent"], args, kwargs)
-        posterior_names = _select_posterior(sites, model_trace, guide_trace, var_names, max_site_size)
-        moment_sites = [name for name, v in variational.items() if "moments" in (v.theta_source, v.log_alpha_source)]
-
-        draws = {"posterior": {}, "posterior_predictive": {}, "log_likelihood": {}}
+        guide_trace, model_trace = _run(self.model, self.guide, self.args, self.kwargs, hide_outer=True)
+        self.sites = _classify_sites(model_trace, guide_trace)
+        self.variational = _variational_parameters(
+            self.guide, guide_trace, model_trace, self.sites["latent"], self.args, self.kwargs
+        )
+        self.posterior_names = _select_posterior(self.sites, model_trace, guide_trace, var_names, max_site_size)
+        self.observed = {name: model_trace.nodes[name]["value"] for name in self.sites["observed"]}
+        self.weight_sites = [name for name in self.sites["latent"] if _has_log_uniform_prior(model_trace.nodes[name])]
+        moment_sites = [n for n, v in self.variational.items() if "moments" in (v.theta_source, v.log_alpha_source)]
         moments = {name: _Moments() for name in moment_sites}
-        observed = {name: model_trace.nodes[name]["value"] for name in sites["observed"]}
-        for _ in range(num_draws):
+        for _ in range(self.num_draws):
             # Inside local_reparam the weight sites hold lazy weights: _value draws them from q.
-            guide_trace, model_trace = _run(model, guide, args, kwargs, hide_outer=False)
+            guide_trace, model_trace = _run(self.model, self.guide, self.args, self.kwargs, hide_outer=False)
             for name in moment_sites:
                 moments[name].update(_value(guide_trace.nodes[name]))
-            for name in posterior_names:
-                node = guide_trace.nodes[name] if name in sites["latent"] else model_trace.nodes[name]
-                _append(draws["posterior"], name, _value(node))
-            if predictive:
-                for name in sites["observed"]:
-                    _append(draws["posterior_predictive"], name, model_trace.nodes[name]["fn"].sample())
-                for name in sites["unguided"]:
-                    _append(draws["posterior_predictive"], name, _value(model_trace.nodes[name]))
-            for name in sites["observed"]:
-                _check_same_observations(name, model_trace.nodes[name]["value"], observed[name])
-            if log_likelihood:
-                for name in sites["observed"]:
-                    _append(draws["log_likelihood"], name, _pointwise_log_prob(model_trace.nodes[name]))
+            self._record(guide_trace, model_trace)
         for name in moment_sites:
-            v = variational[name]
-            mean, log_alpha = moments[name].result(num_draws)
+            v = self.variational[name]
+            mean, log_alpha = moments[name].result(self.num_draws)
             v.theta = mean if v.theta is None else v.theta
             v.log_alpha = log_alpha if v.log_alpha is None else v.log_alpha
+        self.model_trace = model_trace  # of the last draw: names the dims
 
-    site_dims = _SiteDims(model, model_trace, guide_trace, sites, dims)
-    attrs = _attrs(reparam, chains, num_samples, sites, posterior_names)
+    def _record(self, guide_trace, model_trace):
+        sites, values = self.sites, self.values
+        for name in self.posterior_names:
+            node = guide_trace.nodes[name] if name in sites["latent"] else model_trace.nodes[name]
+            _append(values["posterior"], name, _value(node))
+        if self.predictive:
+            for name in sites["observed"]:
+                _append(values["posterior_predictive"], name, model_trace.nodes[name]["fn"].sample())
+            for name in sites["unguided"]:
+                _append(values["posterior_predictive"], name, _value(model_trace.nodes[name]))
+        for name in sites["observed"]:
+            _check_same_observations(name, model_trace.nodes[name]["value"], self.observed[name])
+        if self.log_likelihood:
+            for name in sites["observed"]:
+                _append(values["log_likelihood"], name, _pointwise_log_prob(model_trace.nodes[name]))
 
-    groups = {}
-    posterior = {name: _stack(draws["posterior"][name], chains) for name in posterior_names}
-    posterior_dims = {name: site_dims(name, value.shape[2:]) for name, value in posterior.items()}
-    for name in posterior_names:
-        if name in variational:
-            log_alpha = _to_numpy(variational[name].log_alpha)
-            key = f"{name}_log_alpha"
-            posterior[key] = np.broadcast_to(log_alpha, (chains, num_samples) + log_alpha.shape)
-            posterior_dims[key] = posterior_dims[name]
-    groups["posterior"] = _dataset(posterior, posterior_dims, coords, attrs, sample_dims=True)
 
-    groups[_VARIATIONAL_GROUP] = _variational_dataset(variational, site_dims, coords, attrs, threshold, elbo)
+class _Converter:
+    """
+    Makes the groups of :func:`to_inference_data` from a :class:`_Draws`, one ``<group>_to_xarray`` method per
+    group (each an ``xarray.Dataset``, or ``None`` where the group is left out), after ArviZ's ``PyroConverter``.
+    """
 
-    if predictive:
-        predictive_values = {name: _stack(values, chains) for name, values in draws["posterior_predictive"].items()}
-        groups["posterior_predictive"] = _dataset(
-            predictive_values,
-            {name: site_dims(name, value.shape[2:]) for name, value in predictive_values.items()},
-            coords,
-            attrs,
-            sample_dims=True,
+    def __init__(self, draws, *, chains, coords, dims, elbo, threshold):
+        self.draws = draws
+        self.chains, self.num_samples = chains, draws.num_draws // chains
+        self.coords = dict(coords or {})
+        self.elbo, self.threshold = elbo, threshold
+        dims = {name: list(value) for name, value in (dims or {}).items()}
+        self.site_dims = _SiteDims(draws.model, draws.model_trace, draws.sites, dims)
+        self.attrs = _attrs(
+            draws.local_reparameterization, chains, self.num_samples, draws.sites, draws.posterior_names
         )
-    if log_likelihood and sites["observed"]:
-        log_lik = {name: _stack(values, chains) for name, values in draws["log_likelihood"].items()}
-        groups["log_likelihood"] = _dataset(
-            log_lik,
-            {name: site_dims(name, value.shape[2:]) for name, value in log_lik.items()},
-            coords,
-            attrs,
-            sample_dims=True,
+
+    def _stacked(self, values):
+        """Each site's draws as an array ``(chain, draw, ...)``, and the names of the dims after those two."""
+        values = {name: _stack(draws, self.chains) for name, draws in values.items()}
+        return values, {name: self.site_dims(name, value.shape[2:]) for name, value in values.items()}
+
+    def _sample_dataset(self, values):
+        return _dataset(*self._stacked(values), self.coords, self.attrs, sample_dims=True)
+
+    def posterior_to_xarray(self):
+        """The ``posterior`` group: draws of the latent and deterministic sites, and each kept site's log α."""
+        values, dims = self._stacked(self.draws.values["posterior"])
+        for name in self.draws.posterior_names:
+            if name in self.draws.variational:
+                log_alpha = _to_numpy(self.draws.variational[name].log_alpha)
+                values[f"{name}_log_alpha"] = np.broadcast_to(log_alpha, values[name].shape[:2] + log_alpha.shape)
+                dims[f"{name}_log_alpha"] = dims[name]
+        return _dataset(values, dims, self.coords, self.attrs, sample_dims=True)
+
+    def variational_to_xarray(self):
+        """
+        The custom ``variational`` group: θ and log α of every latent site; the sparsity of the weight sites
+        (those with the log-uniform prior); the losses.
+        """
+        variational, data, data_dims = self.draws.variational, {}, {}
+        for name, v in variational.items():
+            site_dim = self.site_dims(name, tuple(v.theta.shape))
+            data[f"{name}_theta"] = _to_numpy(v.theta)
+            data[f"{name}_log_alpha"] = _to_numpy(v.log_alpha)
+            data_dims[f"{name}_theta"] = data_dims[f"{name}_log_alpha"] = site_dim
+        summary = sparsity_summary(
+            {name: variational[name].log_alpha for name in self.draws.weight_sites}, self.threshold
         )
-    if sites["observed"]:
-        observed = {name: _to_numpy(value) for name, value in observed.items()}
-        groups["observed_data"] = _dataset(
-            observed, {name: site_dims(name, value.shape) for name, value in observed.items()}, coords, attrs
-        )
-    constant = _constant_data(model, args, kwargs, model_trace, sites)
-    if constant:
-        groups["constant_data"] = _dataset(
-            constant,
-            {name: site_dims.for_argument(name, value.shape) for name, value in constant.items()},
-            coords,
-            attrs,
-        )
-    return _inference_data(groups, attrs)
+        sites, coords = summary["sites"], self.coords
+        if sites:
+            data["num_weights"] = np.asarray([s["num_weights"] for s in sites.values()], dtype=np.int64)
+            data["num_pruned"] = np.asarray([s["num_pruned"] for s in sites.values()], dtype=np.int64)
+            data["sparsity"] = np.asarray([s["fraction_pruned"] for s in sites.values()], dtype=np.float64)
+            data_dims.update({"num_weights": ["site"], "num_pruned": ["site"], "sparsity": ["site"]})
+            coords = {**coords, "site": list(sites)}
+        if self.elbo is not None:
+            data["loss"] = np.asarray(self.elbo, dtype=np.float64)
+            data_dims["loss"] = ["step"]
+        compression = float(summary["total"]["compression"])
+        group_attrs = {**self.attrs, "sparsity_threshold": float(self.threshold), "compression": compression}
+        ds = _dataset(data, data_dims, coords, group_attrs)
+        for name, v in variational.items():
+            ds[f"{name}_theta"].attrs["source"] = v.theta_source
+            ds[f"{name}_log_alpha"].attrs["source"] = v.log_alpha_source
+        if "loss" in ds:
+            ds["loss"].attrs["long_name"] = "SVI loss (negative ELBO estimate) per step"
+        return ds
+
+    def posterior_predictive_to_xarray(self):
+        """The ``posterior_predictive`` group, or None when ``predictive=False``."""
+        return self._sample_dataset(self.draws.values["posterior_predictive"]) if self.draws.predictive else None
+
+    def log_likelihood_to_xarray(self):
+        """The ``log_likelihood`` group, or None without observations or with ``log_likelihood=False``."""
+        if not (self.draws.log_likelihood and self.draws.sites["observed"]):
+            return None
+        return self._sample_dataset(self.draws.values["log_likelihood"])
+
+    def observed_data_to_xarray(self):
+        """The ``observed_data`` group, or None without observations."""
+        if not self.draws.sites["observed"]:
+            return None
+        observed = {name: _to_numpy(value) for name, value in self.draws.observed.items()}
+        dims = {name: self.site_dims(name, value.shape) for name, value in observed.items()}
+        return _dataset(observed, dims, self.coords, self.attrs)
+
+    def constant_data_to_xarray(self):
+        """The ``constant_data`` group (the model's small tensor arguments), or None."""
+        draws = self.draws
+        constant = _constant_data(draws.model, draws.args, draws.kwargs, draws.model_trace, draws.sites)
+        if not constant:
+            return None
+        dims = {name: self.site_dims.for_argument(name, value.shape) for name, value in constant.items()}
+        return _dataset(constant, dims, self.coords, self.attrs)
+
+    def to_inference_data(self):
+        """All the groups as one InferenceData (``xarray.DataTree`` with ArviZ ≥ 1.0)."""
+        groups = {
+            "posterior": self.posterior_to_xarray(),
+            _VARIATIONAL_GROUP: self.variational_to_xarray(),
+            "posterior_predictive": self.posterior_predictive_to_xarray(),
+            "log_likelihood": self.log_likelihood_to_xarray(),
+            "observed_data": self.observed_data_to_xarray(),
+            "constant_data": self.constant_data_to_xarray(),
+        }
+        return _inference_data({name: ds for name, ds in groups.items() if ds is not None}, self.attrs)
 
 
 # ---------------------------------------------------------------------------------------
@@ -286,6 +381,11 @@ def _value(node):
     """The value of a site; a draw from the weight's distribution if it is a lazy weight."""
     value = node["value"]
     return value.materialize() if isinstance(value, LazyWeight) else value
+
+
+def _has_log_uniform_prior(node):
+    """Whether a site is a weight of variational dropout: its prior is the log-uniform one, maybe expanded."""
+    return isinstance(base_distribution(node["fn"]), ImproperLogUniform)
 
 
 def _is_deterministic(node):
@@ -465,38 +565,6 @@ def _has_real_support(fn):
     return support is constraints.real
 
 
-def _variational_dataset(variational, site_dims, coords, attrs, threshold, elbo):
-    data, data_dims = {}, {}
-    for name, v in variational.items():
-        site_dim = site_dims(name, tuple(v.theta.shape))
-        data[f"{name}_theta"] = _to_numpy(v.theta)
-        data[f"{name}_log_alpha"] = _to_numpy(v.log_alpha)
-        data_dims[f"{name}_theta"] = data_dims[f"{name}_log_alpha"] = site_dim
-    summary = sparsity_summary({name: v.log_alpha for name, v in variational.items()}, threshold)
-    sites = summary["sites"]
-    if sites:
-        data["num_weights"] = np.asarray([s["num_weights"] for s in sites.values()], dtype=np.int64)
-        data["num_pruned"] = np.asarray([s["num_pruned"] for s in sites.values()], dtype=np.int64)
-        data["sparsity"] = np.asarray([s["fraction_pruned"] for s in sites.values()], dtype=np.float64)
-        data_dims.update({"num_weights": ["site"], "num_pruned": ["site"], "sparsity": ["site"]})
-        coords = {**coords, "site": list(sites)}
-    if elbo is not None:
-        data["loss"] = np.asarray([float(v) for v in elbo], dtype=np.float64)
-        data_dims["loss"] = ["step"]
-    group_attrs = {
-        **attrs,
-        "sparsity_threshold": float(threshold),
-        "compression": float(summary["total"]["compression"]),
-    }
-    ds = _dataset(data, data_dims, coords, group_attrs)
-    for name, v in variational.items():
-        ds[f"{name}_theta"].attrs["source"] = v.theta_source
-        ds[f"{name}_log_alpha"].attrs["source"] = v.log_alpha_source
-    if "loss" in ds:
-        ds["loss"].attrs["long_name"] = "SVI loss (negative ELBO estimate) per step"
-    return ds
-
-
 # ---------------------------------------------------------------------------------------
 # dims, coords and datasets
 
@@ -509,7 +577,7 @@ def _sanitize(name):
 class _SiteDims:
     """Names the dims of a site's value (without ``chain`` and ``draw``)."""
 
-    def __init__(self, model, model_trace, guide_trace, sites, dims):
+    def __init__(self, model, model_trace, sites, dims):
         self.model = model
         self.model_trace = model_trace
         self.sites = sites
@@ -583,6 +651,8 @@ def _layer_dims(model, name, shape):
 
 
 def _dataset(data, data_dims, coords, attrs, *, sample_dims=False):
+    import xarray as xr
+
     variables = {}
     lead = ["chain", "draw"] if sample_dims else []
     for name, value in data.items():
@@ -652,6 +722,7 @@ def _attrs(reparam, chains, num_samples, sites, posterior_names):
 
 def _inference_data(groups, attrs):
     import arviz as az
+    import xarray as xr
 
     if hasattr(az, "InferenceData"):
         return az.InferenceData(attrs=attrs, **groups)

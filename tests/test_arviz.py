@@ -333,6 +333,38 @@ def test_variational_from_moments():
     )
 
 
+def test_sparsity_counts_only_log_uniform_weights():
+    # A weight with the log-uniform prior, and two latents that are not weights variational dropout prunes: a bias
+    # with a Normal prior and a noise scale. Only the weight counts in num_weights, num_pruned and compression.
+    def model(x, y=None):
+        w = pyro.sample("w", ImproperLogUniform().expand([NUM_FEATURES]).to_event(1))
+        b = pyro.sample("b", dist.Normal(0.0, 1.0).expand([3]).to_event(1))
+        noise = pyro.sample("noise", dist.LogNormal(0.0, 1.0))
+        with pyro.plate("data", x.shape[0]):
+            return pyro.sample("y", dist.Normal(x @ w + b.sum(), noise), obs=y)
+
+    w_log_alpha = torch.tensor([-5.0, -1.0, 0.0, 4.0, 6.0])  # 2 of the 5 above the threshold 3
+
+    def guide(x, y=None):
+        pyro.sample("w", VariationalDropoutNormal(torch.ones(NUM_FEATURES), w_log_alpha).to_event(1))
+        # log α = 2 log(σ/|μ|) = 2 log 100 ≈ 9.2: every element would count as pruned if b were counted
+        pyro.sample("b", dist.Normal(torch.full((3,), 0.01), 1.0).to_event(1))
+        pyro.sample("noise", dist.LogNormal(-1.0, 0.1))
+
+    x, y = regression_data()
+    idata = to_inference_data(model, guide, x, y, num_samples=2)
+    variational = idata.variational
+    assert list(variational["site"].values) == ["w"]
+    assert variational["num_weights"].values.tolist() == [5]
+    assert variational["num_pruned"].values.tolist() == [2]
+    assert variational["sparsity"].values.tolist() == [pytest.approx(2 / 5)]
+    assert variational.attrs["compression"] == pytest.approx(5 / 3)
+    # θ and log α are still there for every latent site
+    np.testing.assert_allclose(variational["w_log_alpha"].values, w_log_alpha.numpy())
+    np.testing.assert_allclose(variational["b_log_alpha"].values, np.full(3, 2 * math.log(100)), rtol=1e-5)
+    assert variational["noise_log_alpha"].attrs["source"] == "moments"
+
+
 # ---------------------------------------------------------------------------------------
 # what users do with it
 
@@ -535,3 +567,26 @@ def test_arviz_1_returns_a_datatree(monkeypatch):
     assert tree["posterior"]["w"].dims == ("chain", "draw", "w_dim_0")
     idata = az.from_datatree(tree)
     assert np.isfinite(az.loo(idata)["elpd_loo"])
+
+
+# ---------------------------------------------------------------------------------------
+# importing
+
+
+@pytest.mark.parametrize("module", ["pyro_vdrop", "pyro_vdrop.distributions"])
+def test_import_does_not_load_arviz_or_xarray(module):
+    # ArviZ and xarray are imported on the first call of to_inference_data, not by `import pyro_vdrop`.
+    import pyro_vdrop
+
+    root = os.path.dirname(os.path.dirname(pyro_vdrop.__file__))
+    script = (
+        f"import sys, {module}, pyro_vdrop; "
+        "assert callable(pyro_vdrop.to_inference_data); "
+        "print(pyro_vdrop.__file__, 'xarray' in sys.modules, 'arviz' in sys.modules)"
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120)
+    assert result.returncode == 0, result.stderr
+    path, xarray_loaded, arviz_loaded = result.stdout.split()
+    assert path == pyro_vdrop.__file__
+    assert (xarray_loaded, arviz_loaded) == ("False", "False")
