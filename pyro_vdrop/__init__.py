@@ -23,6 +23,7 @@ Trick." NeurIPS 2015.
 from pyro_vdrop import datasets, distributions, infer, nn, optim, poutine
 from pyro_vdrop.arviz import to_inference_data
 from pyro_vdrop.poutine import local_reparam
+from pyro_vdrop.serialization import load, save
 
 __version__ = "0.1.0.dev0"
 
@@ -31,9 +32,11 @@ __all__ = [
     "datasets",
     "distributions",
     "infer",
+    "load",
     "local_reparam",
     "nn",
     "optim",
     "poutine",
+    "save",
     "to_inference_data",
 ]
