@@ -107,7 +107,7 @@ def main(argv=None) -> dict:
 
     record = {
         "benchmark": "uncertainty",
-        "command": shlex.join([Path(sys.executable).name, *sys.argv]) if argv is None else shlex.join(argv),
+        "command": shlex.join(["python", "-m", "benchmarks.uncertainty", *(sys.argv[1:] if argv is None else argv)]),
         "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "environment": environment(),
         "configs": {name: config.to_dict() for name, config in configs.items()},

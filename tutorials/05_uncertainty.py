@@ -187,16 +187,21 @@ axes[0].legend(fontsize=8)
 show(fig, "entropy")
 
 # %% [markdown]
-# An AUROC of 0.5 is chance; 1 means every shifted image has a higher score than every test image. Expect the
-# noise images to be told apart well and the rotated digits poorly: a rotated digit is still a pen stroke on a
-# dark background, and the network often reads it confidently as *some* digit.
+# An AUROC of 0.5 is chance; 1 means every shifted image has a higher score than every test image. On the default
+# run (embedded data, `python -m benchmarks.uncertainty`) the MI tells uniform noise from test digits with an AUROC
+# of about 0.9 and rotated or noisy digits with about 0.8: useful for ranking inputs to check, far from a reliable
+# detector. The entropy does about as well, and on this small data set the deterministic pretrained network's
+# entropy does as well too: the mutual information is the part of the uncertainty only a Bayesian predictive has,
+# not a guarantee of a better detector. Measure it on your own shifts before relying on it.
 #
 # ## 4. Pruning and calibration
 #
 # Pruning removes the weights whose posterior is mostly noise. Lowering the threshold removes more: watch the
 # NLL and ECE, not only the error. The pruned network is also *deterministic*: it keeps θ's calibration and has
 # no mutual information, so deploy it for accuracy and size, and keep the MC predictive where you need to flag
-# unfamiliar inputs.
+# unfamiliar inputs. Note that the MC predictive is not automatically the best calibrated: on the default run its
+# NLL and ECE are slightly *worse* than the θ network's (0.212 vs 0.204, 0.027 vs 0.023), and with a fixed dropout
+# rate (`--guide gaussian-dropout`) its ECE triples (0.061 vs 0.013, under-confident). Check, don't assume.
 
 # %%
 print(f"{'threshold':>9} {'kept':>7} {'error':>7} {'NLL':>7} {'ECE':>7}")
