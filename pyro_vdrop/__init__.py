@@ -20,9 +20,12 @@ Trick." NeurIPS 2015.
 # - PyroOptim._add_params / torch.optim.Optimizer internals in pyro_vdrop/optim and nn.Module._apply in
 #   nn/bayesian_module.py: overridden hooks.
 # - torch.distributions.utils._standard_normal in distributions/correlated_variational_dropout_normal.py.
+# - PyroModule._pyro_name: a module's site-name prefix outside a call (serialization.py; Pyro's
+#   _pyro_get_fullname works only inside one).
 from pyro_vdrop import datasets, distributions, infer, nn, optim, poutine
 from pyro_vdrop.arviz import to_inference_data
 from pyro_vdrop.poutine import local_reparam
+from pyro_vdrop.serialization import load, save
 
 __version__ = "0.1.0.dev0"
 
@@ -31,9 +34,11 @@ __all__ = [
     "datasets",
     "distributions",
     "infer",
+    "load",
     "local_reparam",
     "nn",
     "optim",
     "poutine",
+    "save",
     "to_inference_data",
 ]

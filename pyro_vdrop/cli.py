@@ -9,8 +9,8 @@ The ``pyro-vdrop`` command: train, evaluate and report on variational-dropout ne
     pyro-vdrop fit --out runs/lenet300 --resume     # continue an interrupted run exactly
     pyro-vdrop fit --nproc 2                        # data-parallel in 2 local processes (torch.distributed)
     torchrun --nproc_per_node 2 -m pyro_vdrop.cli fit   # the same, started by torchrun
-    pyro-vdrop evaluate --run runs/lenet300         # test error with θ, pruned, and MC predictive
-    pyro-vdrop report --run runs/lenet300           # report.md with log α histograms, curves, masks
+    pyro-vdrop evaluate --run runs/lenet300         # error, NLL, Brier, ECE (θ, pruned, MC); OOD check
+    pyro-vdrop report --run runs/lenet300           # report.md: log α, curves, masks, reliability, entropy
     pyro-vdrop convert --run runs/old --trust-checkpoint   # a checkpoint of an older pyro-vdrop, made safe
 
 Errors (bad options, missing data, a run directory that does not fit or is in use) are printed on stderr and the
@@ -130,9 +130,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     ev = commands.add_parser(
         "evaluate",
-        help="test error of a run: with θ, pruned, and Monte Carlo predictive",
-        description="Test error of a trained run with the posterior means θ, with the weights of log α > "
-        "--threshold pruned, and with the Monte Carlo posterior predictive; written to evaluation.json.",
+        help="test error and calibration of a run (θ, pruned, Monte Carlo predictive), out-of-distribution check",
+        description="Test error, NLL, Brier score and expected calibration error of a trained run with the "
+        "posterior means θ, with the weights of log α > --threshold pruned, and with the Monte Carlo posterior "
+        "predictive; and the predictive's entropy and mutual information on rotated, pixel-noised and "
+        "uniform-noise images (out of distribution, no download). Written to evaluation.json.",
     )
     ev.add_argument("--run", metavar="DIR", required=True, help="a run directory written by 'pyro-vdrop fit'")
     ev.add_argument(
@@ -277,14 +279,31 @@ def _evaluate(args) -> None:
         f"pyro-vdrop evaluate: {result['run']} (epoch {result['epoch']} of {result['epochs']}), "
         f"{result['num_test']} test images"
     )
-    rows = [
-        ("test error (θ)", _percent(result["test_error"])),
-        (f"test error (pruned, log α > {result['threshold']:g})", _percent(result["test_error_pruned"])),
-        (f"test error (MC predictive, S={result['num_samples']})", _percent(result["test_error_mc"])),
-        ("compression", f"{result['compression']:.1f}×   ({result['kept']:,} of {result['weights']:,} weights kept)"),
-    ]
-    for label, value in rows:
-        print(f"  {label:<36} {value}")
+    print(f"  {'':<34} {'error':>8} {'NLL':>7} {'Brier':>7} {'ECE':>7}   (ECE: {result['ece_bins']} equal-width bins)")
+    for label, suffix in (
+        ("θ network", ""),
+        (f"pruned (log α > {result['threshold']:g})", "_pruned"),
+        (f"MC predictive (S={result['num_samples']})", "_mc"),
+    ):
+        figures = [result[f"test_{name}{suffix}"] for name in ("nll", "brier", "ece")]
+        print(f"  {label:<34} {_percent(result[f'test_error{suffix}']):>8} " + " ".join(f"{v:7.4f}" for v in figures))
+    kept = f"({result['kept']:,} of {result['weights']:,} weights kept)"
+    compression = f"{result['compression']:.1f}×"
+    print(f"  {'compression':<34} {compression:>8}   {kept}")
+    shifts = result["ood"]["shifts"]
+    print(
+        f"  out of distribution: MC predictive, {shifts['test']['num_examples']} images per set; entropy H and mutual\n"
+        "  information MI in nats; AUROC of telling the set from the test images by MI and by H (0.5: chance)"
+    )
+    print(f"  {'set':<16} {'accuracy':>9} {'entropy':>8} {'MI':>8} {'AUROC(MI)':>10} {'AUROC(H)':>9}")
+    for name, row in shifts.items():
+        accuracy = "—" if row["accuracy"] is None else _percent(row["accuracy"])
+        aurocs = [row.get(f"auroc_{k}") for k in ("mutual_information", "entropy")]
+        aurocs = ["—" if v is None else f"{v:.3f}" for v in aurocs]
+        print(
+            f"  {name:<16} {accuracy:>9} {row['entropy']:8.4f} {row['mutual_information']:8.4f} "
+            f"{aurocs[0]:>10} {aurocs[1]:>9}"
+        )
     print(f"  written to {Path(args.run) / train.EVALUATION_FILE}")
     _say_in_progress("evaluate", result["in_progress"])
 

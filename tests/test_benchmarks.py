@@ -138,3 +138,17 @@ def _uncapped(layer):
     other = copy.deepcopy(layer)
     other.max_log_alpha = None
     return other
+
+
+def test_uncertainty_quick(tmp_path):
+    from benchmarks import uncertainty
+
+    record = uncertainty.main(["--quick", "--out", str(tmp_path / "runs"), "--results", str(tmp_path)])
+    assert (tmp_path / "uncertainty-quick.json").is_file()
+    for key in ("command", "environment", "configs", "runs", "deterministic"):
+        assert key in record
+    assert set(record["runs"]) == {"sparse VD", "Gaussian dropout"}
+    assert record["deterministic"]["ood"]["shifts"]["uniform-noise"]["auroc_mutual_information"] == 0.5
+    for figures in record["runs"].values():
+        assert math.isfinite(figures["test_ece_mc"])
+        assert 0 <= figures["ood"]["shifts"]["rotated-90"]["auroc_entropy"] <= 1

@@ -7,6 +7,7 @@ import io
 import json
 import math
 import os
+import re
 from pathlib import Path
 
 import torch
@@ -101,6 +102,170 @@ def plot_masks(plt, name: str, theta: torch.Tensor, log_alpha: torch.Tensor, thr
     return fig, caption
 
 
+#: The variants of a reliability diagram in ``evaluation.json`` and their labels.
+_RELIABILITY_VARIANTS = {"theta": "θ network", "pruned": "pruned", "mc": "MC predictive"}
+
+#: The most bins and sets the report reads from ``evaluation.json`` (which may come from anyone: see
+#: :func:`_read_evaluation`); more is malformed.
+_MAX_BINS = 1000
+_MAX_SETS = 20
+
+#: Names of the out-of-distribution sets the report shows (plain words: they reach figures and markdown).
+_SET_NAME = re.compile(r"[A-Za-z0-9_-]{1,40}")
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _numbers(value, *, length: int | None = None, optional: bool = False, low=None, high=None) -> bool:
+    """Whether ``value`` is a list of at most :data:`_MAX_BINS` finite numbers in [low, high] (None allowed when
+    ``optional``), of ``length`` when given."""
+    if not isinstance(value, list) or not 0 < len(value) <= _MAX_BINS or (length is not None and len(value) != length):
+        return False
+    for v in value:
+        if v is None and optional:
+            continue
+        if not _is_number(v) or (low is not None and v < low) or (high is not None and v > high):
+            return False
+    return True
+
+
+def reliability_data(evaluation: dict | None) -> dict | None:
+    """
+    The reliability diagrams of ``evaluation.json`` (``{variant: {lower, upper, count, confidence, accuracy}}``) if
+    they are well formed, else None: every list of one length, counts non-negative integers, confidences,
+    accuracies and bin ends in [0, 1] (None for an empty bin). Variants other than ``theta``, ``pruned``, ``mc``
+    are ignored.
+    """
+    record = evaluation.get("reliability") if isinstance(evaluation, dict) else None
+    if not isinstance(record, dict):
+        return None
+    data = {}
+    for name in _RELIABILITY_VARIANTS:
+        bins = record.get(name)
+        if bins is None:
+            continue
+        if not isinstance(bins, dict) or not isinstance(bins.get("count"), list):
+            return None
+        n = len(bins["count"])
+        ok = _numbers(bins["count"], length=n, low=0) and all(isinstance(c, int) for c in bins["count"])
+        ok = ok and all(
+            _numbers(bins.get(k), length=n, optional=True, low=0, high=1) for k in ("confidence", "accuracy")
+        )
+        ok = ok and all(_numbers(bins.get(k), length=n, optional=True, low=0, high=1) for k in ("lower", "upper"))
+        if not ok:
+            return None
+        data[name] = {k: bins[k] for k in ("lower", "upper", "count", "confidence", "accuracy")}
+    return data or None
+
+
+def _histogram_data(value) -> dict | None:
+    if not isinstance(value, dict) or not isinstance(value.get("counts"), dict):
+        return None
+    edges, counts = value.get("edges"), value["counts"]
+    if not _numbers(edges, low=0) or len(edges) < 2 or any(b <= a for a, b in zip(edges, edges[1:])):
+        return None
+    if not 0 < len(counts) <= _MAX_SETS:
+        return None
+    for name, c in counts.items():
+        if not _SET_NAME.fullmatch(name) or not _numbers(c, length=len(edges) - 1, low=0):
+            return None
+        if not all(isinstance(v, int) for v in c):
+            return None
+    return {"edges": edges, "counts": counts}
+
+
+def entropy_data(evaluation: dict | None) -> dict | None:
+    """
+    The out-of-distribution histograms of ``evaluation.json`` (``{"entropy": ..., "mutual_information": ...}``,
+    each ``{"edges": [...], "counts": {set: [...]}}``) if well formed, else None: increasing non-negative edges,
+    one non-negative integer count per bin, at most :data:`_MAX_SETS` sets with plain names.
+    """
+    ood = evaluation.get("ood") if isinstance(evaluation, dict) else None
+    if not isinstance(ood, dict):
+        return None
+    data = {
+        "entropy": _histogram_data(ood.get("entropy_histogram")),
+        "mutual_information": _histogram_data(ood.get("mutual_information_histogram")),
+    }
+    return None if None in data.values() else data
+
+
+def ood_rows(evaluation: dict | None) -> dict | None:
+    """The out-of-distribution table of ``evaluation.json`` (``{set: row}``) with only well-formed rows and numbers;
+    None when there is none."""
+    ood = evaluation.get("ood") if isinstance(evaluation, dict) else None
+    shifts = ood.get("shifts") if isinstance(ood, dict) else None
+    if not isinstance(shifts, dict):
+        return None
+    rows = {}
+    keys = ("accuracy", "entropy", "mutual_information", "auroc_mutual_information", "auroc_entropy")
+    for name, row in list(shifts.items())[:_MAX_SETS]:
+        if not isinstance(name, str) or not _SET_NAME.fullmatch(name) or not isinstance(row, dict):
+            continue
+        rows[name] = {k: row[k] if _is_number(row.get(k)) else None for k in keys}
+    return rows or None
+
+
+def plot_reliability(plt, reliability: dict):
+    """Figure 4: the reliability diagram (accuracy against confidence per bin) of the θ network, the pruned network
+    and the MC predictive, and how many test images fall into each bin."""
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    axes[0].plot([0, 1], [0, 1], color="gray", linestyle=":", label="calibrated")
+    for name, bins in reliability.items():
+        points = [(c, a) for c, a in zip(bins["confidence"], bins["accuracy"]) if c is not None and a is not None]
+        if points:
+            axes[0].plot(*zip(*points), marker="o", markersize=4, label=_RELIABILITY_VARIANTS[name])
+    axes[0].set_xlabel("confidence (top-class probability)")
+    axes[0].set_ylabel("accuracy")
+    axes[0].set_xlim(0, 1)
+    axes[0].set_ylim(0, 1)
+    axes[0].legend(fontsize=8)
+    name = "mc" if "mc" in reliability else next(iter(reliability))
+    bins = reliability[name]
+    spans = [(lo, hi) for lo, hi in zip(bins["lower"], bins["upper"])]
+    shown = [(lo, hi, c) for (lo, hi), c in zip(spans, bins["count"]) if lo is not None and hi is not None and c > 0]
+    if shown:
+        axes[1].bar(
+            [lo for lo, _, _ in shown],
+            [c for *_, c in shown],
+            width=[hi - lo for lo, hi, _ in shown],
+            align="edge",
+            color="tab:green",
+            edgecolor="white",
+        )
+    axes[1].set_title(_RELIABILITY_VARIANTS[name], fontsize=9)
+    axes[1].set_xlim(0, 1)
+    axes[1].set_yscale("log")
+    axes[1].set_ylim(bottom=0.8)
+    axes[1].set_xlabel("confidence (top-class probability)")
+    axes[1].set_ylabel("test images in the bin")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
+def plot_entropy(plt, histograms: dict):
+    """Figure 5: histograms of the MC predictive's entropy and mutual information on the test images and on each
+    out-of-distribution set."""
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.6))
+    for ax, (key, label) in zip(
+        axes, (("entropy", "predictive entropy (nats)"), ("mutual_information", "mutual information (nats)"))
+    ):
+        hist = histograms[key]
+        for name, counts in hist["counts"].items():
+            total = sum(counts) or 1
+            ax.stairs([c / total for c in counts], hist["edges"], label=name, linewidth=2 if name == "test" else 1.2)
+        ax.set_xlabel(label)
+        ax.set_ylabel("share of images")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
 def _read_evaluation(run_dir: Path) -> dict | None:
     """``evaluation.json`` if it holds the figures the report shows; None otherwise (it is optional)."""
     try:
@@ -118,7 +283,8 @@ def report_markdown(session, state: dict, stats: dict, *, run_name: str, thresho
     """
     The text of ``report.md``: the run in one sentence, a table of its figures, one row per layer, the figures and
     the configuration. ``extra`` holds ``evaluation`` (``evaluation.json`` or None), ``in_progress`` (the lock's
-    holder or None) and ``mask_caption`` (None when there is no mask figure).
+    holder or None), ``mask_caption`` (None when there is no mask figure), and ``reliability_figure`` /
+    ``entropy_figure`` (whether those figures were drawn).
     """
     config, history = session.config, state["history"]
     last = history[-1] if history else {}
@@ -155,16 +321,74 @@ def report_markdown(session, state: dict, stats: dict, *, run_name: str, thresho
     text.write(f"![log alpha per layer]({REPORT_FIGURES[0]})\n\n![curves]({REPORT_FIGURES[1]})\n\n")
     if extra.get("mask_caption") is not None:
         text.write(f"![first-layer masks]({REPORT_FIGURES[2]})\n\n{extra['mask_caption']}.\n\n")
+    _write_uncertainty(
+        text,
+        evaluation,
+        threshold=threshold,
+        reliability_figure=extra.get("reliability_figure", False),
+        entropy_figure=extra.get("entropy_figure", False),
+    )
     text.write("## Configuration\n\n```json\n" + json.dumps(config.to_dict(), indent=2) + "\n```\n")
     return text.getvalue()
+
+
+def _write_uncertainty(
+    text, evaluation: dict | None, *, threshold: float, reliability_figure: bool, entropy_figure: bool
+) -> None:
+    """The calibration table, the out-of-distribution table and their figures, from what of them
+    ``evaluation.json`` holds in good form."""
+    if evaluation is None:
+        return
+    variants = (("θ network", ""), (f"pruned (log α > {threshold:g})", "_pruned"), ("MC predictive", "_mc"))
+    figures = ("error", "nll", "brier", "ece")
+    rows = [
+        (label, [evaluation.get(f"test_{k}{suffix}") for k in figures])
+        for label, suffix in variants
+        if all(_is_number(evaluation.get(f"test_{k}{suffix}")) for k in figures)
+    ]
+    if rows:
+        bins = evaluation.get("ece_bins")
+        bins = f"{bins} equal-width bins" if isinstance(bins, int) and not isinstance(bins, bool) else "binned"
+        text.write(f"## Calibration\n\nOn the test images (ECE: {bins}; lower is better for all four).\n\n")
+        text.write("| predictor | error | NLL | Brier | ECE |\n|---|---|---|---|---|\n")
+        for label, (error, nll, brier, ece) in rows:
+            text.write(f"| {label} | {100 * error:.2f} % | {nll:.4f} | {brier:.4f} | {ece:.4f} |\n")
+        text.write("\n")
+    if reliability_figure:
+        text.write(f"![reliability diagram]({REPORT_FIGURES[3]})\n\n")
+    ood = ood_rows(evaluation)
+    if ood is not None:
+        text.write(
+            "## Out of distribution\n\nThe MC predictive on the test images and on shifted ones: mean predictive "
+            "entropy H and mutual information MI (nats), and the AUROC of telling each set from the test images by "
+            "MI and by H (0.5: chance, 1: perfect).\n\n"
+        )
+        text.write("| set | accuracy | H | MI | AUROC (MI) | AUROC (H) |\n|---|---|---|---|---|---|\n")
+
+        def cell(value, form):
+            return "—" if value is None else form.format(value)
+
+        for name, row in ood.items():
+            accuracy = None if row["accuracy"] is None else 100 * row["accuracy"]
+            text.write(
+                f"| {name} | {cell(accuracy, '{:.2f} %')} "
+                f"| {cell(row['entropy'], '{:.4f}')} | {cell(row['mutual_information'], '{:.4f}')} "
+                f"| {cell(row['auroc_mutual_information'], '{:.3f}')} | {cell(row['auroc_entropy'], '{:.3f}')} |\n"
+            )
+        text.write("\n")
+    if entropy_figure:
+        text.write(f"![entropy histograms]({REPORT_FIGURES[4]})\n\n")
 
 
 def write_report(run_dir: str | os.PathLike, *, max_units: int = 100, threshold: float = PRUNE_THRESHOLD) -> Path:
     r"""
     Writes ``report.md`` and its figures into ``run_dir``: a histogram of :math:`\log\alpha` per layer, the curves of
     test error, sparsity and ELBO over the epochs, and the kept-weight masks of the first layer (for a 784-input
-    layer, one 28 × 28 image per hidden unit, the ``max_units`` units with the most kept weights). Every file is
-    written atomically (a symlink in its place is replaced, not followed).
+    layer, one 28 × 28 image per hidden unit, the ``max_units`` units with the most kept weights); when
+    ``evaluation.json`` (of :func:`~pyro_vdrop.train.evaluate`) holds them, the calibration and out-of-distribution
+    tables, the reliability diagram and the entropy histograms. ``evaluation.json`` is read as untrusted: what is
+    malformed in it is left out of the report. Every file is written atomically (a symlink in its place is replaced,
+    not followed).
 
     :returns: The path of ``report.md``.
     :raises RunError: if matplotlib is not installed or ``run_dir`` is not a run.
@@ -191,24 +415,41 @@ def write_report(run_dir: str | os.PathLike, *, max_units: int = 100, threshold:
         save(fig, REPORT_FIGURES[2])
     else:
         (run_dir / REPORT_FIGURES[2]).unlink(missing_ok=True)
+    evaluation = _read_evaluation(run_dir)
+    drawn = {}
+    for key, index, data, plot in (
+        ("reliability_figure", 3, reliability_data(evaluation), plot_reliability),
+        ("entropy_figure", 4, entropy_data(evaluation), plot_entropy),
+    ):
+        drawn[key] = data is not None
+        if data is not None:
+            save(plot(plt, data), REPORT_FIGURES[index])
+        else:  # a figure of an earlier evaluation must not pass for this one's
+            (run_dir / REPORT_FIGURES[index]).unlink(missing_ok=True)
     text = report_markdown(
         session,
         state,
         stats,
         run_name=run_dir.name,
         threshold=threshold,
-        evaluation=_read_evaluation(run_dir),
+        evaluation=evaluation,
         in_progress=in_progress,
         mask_caption=caption,
+        **drawn,
     )
     atomic_write(run_dir / REPORT_FILE, lambda f: f.write(text), binary=False)
     return run_dir / REPORT_FILE
 
 
 __all__ = [
+    "entropy_data",
+    "ood_rows",
     "plot_curves",
+    "plot_entropy",
     "plot_log_alpha",
     "plot_masks",
+    "plot_reliability",
+    "reliability_data",
     "report_markdown",
     "write_report",
 ]

@@ -39,7 +39,7 @@ EVALUATION_FILE = "evaluation.json"
 REPORT_FILE = "report.md"
 
 
-REPORT_FIGURES = ("log_alpha_hist.png", "curves.png", "first_layer_masks.png")
+REPORT_FIGURES = ("log_alpha_hist.png", "curves.png", "first_layer_masks.png", "reliability.png", "entropy.png")
 
 
 #: Every file a run directory may hold; ``--overwrite`` removes these and nothing else.
