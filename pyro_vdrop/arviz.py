@@ -11,6 +11,7 @@ load them.
 """
 
 import inspect
+import math
 import numbers
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
@@ -124,6 +125,12 @@ def to_inference_data(
     that noise.
     The attribute ``local_reparameterization`` names the estimator (``"none"`` outside it).
 
+    **Predictive figures** (attributes of the InferenceData and of every group): for each observed site,
+    ``<site>_nll``, the mean negative log predictive density of the observations under the
+    ``chains × num_samples`` draws; for a Categorical likelihood also ``<site>_error``, ``<site>_brier`` and
+    ``<site>_ece`` of the mean predictive class probabilities (:mod:`pyro_vdrop.metrics`). Made with held-out
+    data, these are the test figures of ``pyro-vdrop evaluate``.
+
     Tensors on any device and of any floating dtype are moved to CPU numpy arrays
     (``bfloat16`` as ``float32``), so an InferenceData made from a GPU-trained model is
     read anywhere.
@@ -203,6 +210,8 @@ class _Draws:
         self.predictive, self.log_likelihood = predictive, log_likelihood
         self.local_reparameterization = _local_reparam_estimator()
         self.values = {"posterior": {}, "posterior_predictive": {}, "log_likelihood": {}}
+        self.pointwise = {}  # observed site -> per-draw log p(y_i | w), for the predictive metrics
+        self.class_probs = {}  # Categorical observed site -> sum over draws of p(class | x_i, w)
 
     @torch.no_grad()
     def run(self, num_draws, var_names, max_site_size):
@@ -243,7 +252,13 @@ class _Draws:
             for name in sites["unguided"]:
                 _append(values["posterior_predictive"], name, _value(model_trace.nodes[name]))
         for name in sites["observed"]:
-            _check_same_observations(name, model_trace.nodes[name]["value"], self.observed[name])
+            node = model_trace.nodes[name]
+            _check_same_observations(name, node["value"], self.observed[name])
+            if node.get("mask") is None or node.get("mask") is True:  # masked: no predictive figures
+                _append(self.pointwise, name, _pointwise_log_prob(node))
+            fn = base_distribution(node["fn"])
+            if isinstance(fn, torch.distributions.Categorical):
+                self.class_probs[name] = self.class_probs.get(name, 0.0) + fn.probs.detach()
         if self.log_likelihood:
             for name in sites["observed"]:
                 _append(values["log_likelihood"], name, _pointwise_log_prob(model_trace.nodes[name]))
@@ -265,6 +280,7 @@ class _Converter:
         self.attrs = _attrs(
             draws.local_reparameterization, chains, self.num_samples, draws.sites, draws.posterior_names
         )
+        self.attrs.update(_predictive_metrics(draws))
 
     def _stacked(self, values):
         """Each site's draws as an array ``(chain, draw, ...)``, and the names of the dims after those two."""
@@ -718,6 +734,32 @@ def _attrs(reparam, chains, num_samples, sites, posterior_names):
         "local_reparameterization": reparam if reparam is not None else "none",
         "posterior_omitted_sites": ",".join(omitted),
     }
+
+
+def _predictive_metrics(draws) -> dict:
+    r"""
+    The posterior predictive's figures on the observations the export was made with, as attributes: for every
+    observed site ``<site>_nll``, the mean negative log predictive density
+    :math:`-\frac1N\sum_i \log \frac1S\sum_s p(y_i \mid w^{(s)})`; for a Categorical site also
+    ``<site>_error``, ``<site>_brier`` and ``<site>_ece`` (15 equal-width bins) of the predictive class
+    probabilities :math:`\frac1S\sum_s p(\cdot \mid x_i, w^{(s)})` (see :mod:`pyro_vdrop.metrics`).
+    """
+    from pyro_vdrop import metrics
+
+    result = {}
+    for name, per_draw in draws.pointwise.items():
+        log_lik = torch.stack([torch.as_tensor(v) for v in per_draw]).double()
+        log_pred = torch.logsumexp(log_lik, 0) - math.log(log_lik.shape[0])
+        result[f"{name}_nll"] = float(-log_pred.mean())
+    for name, total in draws.class_probs.items():
+        probs = (total / draws.num_draws).reshape(-1, total.shape[-1])
+        y = draws.observed[name].reshape(-1)
+        if probs.shape[0] != y.shape[0]:  # observations that do not index the class probabilities one to one
+            continue
+        result[f"{name}_error"] = float((probs.argmax(-1) != y).double().mean())
+        result[f"{name}_brier"] = float(metrics.brier_score(probs, y))
+        result[f"{name}_ece"] = float(metrics.expected_calibration_error(probs, y))
+    return result
 
 
 def _inference_data(groups, attrs):

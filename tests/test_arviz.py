@@ -18,6 +18,7 @@ from pyro.infer.autoguide import AutoNormal
 from pyro.nn import PyroModule, PyroSample
 from torch import nn
 
+from pyro_vdrop import metrics
 from pyro_vdrop.arviz import MAX_POSTERIOR_SITE_SIZE, to_inference_data
 from pyro_vdrop.distributions import ImproperLogUniform, VariationalDropoutNormal
 from pyro_vdrop.infer import AutoVariationalDropout, AutoVariationalDropoutMessenger, init_to_fan_in
@@ -590,3 +591,31 @@ def test_import_does_not_load_arviz_or_xarray(module):
     path, xarray_loaded, arviz_loaded = result.stdout.split()
     assert path == pyro_vdrop.__file__
     assert (xarray_loaded, arviz_loaded) == ("False", "False")
+
+
+def test_predictive_figures_in_the_attributes():
+    # regression: the mean negative log predictive density, recomputed from the log_likelihood group
+    x, y = regression_data()
+    fit_regression(x, y)
+    idata = to_inference_data(regression_model, regression_guide, x, y, num_samples=40)
+    log_lik = torch.as_tensor(idata.log_likelihood["y"].values, dtype=torch.float64).flatten(0, 1)  # (S, N)
+    expected = -(torch.logsumexp(log_lik, 0) - math.log(log_lik.shape[0])).mean()
+    assert idata.attrs["y_nll"] == pytest.approx(float(expected), rel=1e-6)
+    assert "y_brier" not in idata.attrs  # a Normal likelihood has no class probabilities
+
+    # classification: error, Brier and ECE of the mean class probabilities, recomputed from the weight draws
+    x, y = classification_data()
+    model = Classifier()
+    guide = AutoVariationalDropout(model)
+    fit_classifier(model, guide, x, y, num_steps=100)
+    idata = to_inference_data(model, guide, x, y, num_samples=30)
+    w1 = torch.as_tensor(idata.posterior["fc1.weight"].values).flatten(0, 1)
+    w2 = torch.as_tensor(idata.posterior["fc2.weight"].values).flatten(0, 1)
+    with torch.no_grad():
+        hidden = torch.relu(torch.einsum("nk,shk->snh", x, w1) + model.fc1.bias)
+        probs = (torch.einsum("snh,sch->snc", hidden, w2) + model.fc2.bias).softmax(-1).mean(0)
+    onehot = torch.nn.functional.one_hot(y, 3).to(probs.dtype)
+    assert idata.attrs["obs_error"] == pytest.approx(float((probs.argmax(-1) != y).double().mean()))
+    assert idata.attrs["obs_brier"] == pytest.approx(float(((probs - onehot) ** 2).sum(-1).mean()), rel=1e-5)
+    assert idata.attrs["obs_ece"] == pytest.approx(float(metrics.expected_calibration_error(probs, y)), abs=1e-6)
+    assert idata.attrs["obs_nll"] == pytest.approx(float(-probs.gather(1, y[:, None]).log().mean()), rel=1e-4)
