@@ -35,6 +35,7 @@ from pyro_vdrop.train.config import VALUE_KINDS
 _EXIT_ERROR = 2
 _EXIT_IO_ERROR = 1
 _EXIT_INTERRUPTED = 130
+_POSITIVE_INT = "positive_int"
 
 
 def _parse(kind: str):
@@ -86,7 +87,7 @@ def _add_config_options(fit: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The argument parser of ``pyro-vdrop`` (sub-commands ``fit``, ``evaluate``, ``report``)."""
+    """The argument parser of ``pyro-vdrop`` (sub-commands ``fit``, ``evaluate``, ``report``, ``convert``)."""
     from pyro_vdrop import __version__
 
     parser = argparse.ArgumentParser(
@@ -95,7 +96,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for add in (_add_fit_parser, _add_evaluate_parser, _add_report_parser, _add_convert_parser):
+        add(commands)
+    return parser
 
+
+def _add_run_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--run", metavar="DIR", required=True, help="a run directory written by 'pyro-vdrop fit'")
+
+
+def _add_threshold_argument(parser: argparse.ArgumentParser) -> None:
+    help = f"pruning threshold on log α (default: {PRUNE_THRESHOLD})"
+    parser.add_argument("--threshold", type=_finite_float, default=PRUNE_THRESHOLD, help=help)
+
+
+def _add_fit_parser(commands) -> None:
     fit = commands.add_parser(
         "fit",
         help="train a network with variational dropout",
@@ -112,22 +127,19 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     run.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
-    run.add_argument(
-        "--threads",
-        type=_parse("positive_int"),
-        metavar="N",
-        help="torch CPU threads (per process; default: torch's, or the CPUs divided by --nproc)",
-    )
+    threads = "torch CPU threads (per process; default: torch's, or the CPUs divided by --nproc)"
+    run.add_argument("--threads", type=_parse(_POSITIVE_INT), metavar="N", help=threads)
     par = fit.add_argument_group(
         "several processes",
         "Data-parallel training with torch.distributed (gloo on CPU, nccl on CUDA): --batch-size stays the global "
         "minibatch, each process takes an equal share of it, and process 0 writes the run directory. Start the "
         "processes with --nproc, or with 'torchrun --nproc_per_node N -m pyro_vdrop.cli fit ...'.",
     )
-    par.add_argument(
-        "--nproc", type=_parse("positive_int"), metavar="N", help="train in N local processes (default: 1)"
-    )
+    nproc = "train in N local processes (default: 1)"
+    par.add_argument("--nproc", type=_parse(_POSITIVE_INT), metavar="N", help=nproc)
 
+
+def _add_evaluate_parser(commands) -> None:
     ev = commands.add_parser(
         "evaluate",
         help="test error and calibration of a run (θ, pruned, Monte Carlo predictive), out-of-distribution check",
@@ -136,23 +148,18 @@ def build_parser() -> argparse.ArgumentParser:
         "predictive; and the predictive's entropy and mutual information on rotated, pixel-noised and "
         "uniform-noise images (out of distribution, no download). Written to evaluation.json.",
     )
-    ev.add_argument("--run", metavar="DIR", required=True, help="a run directory written by 'pyro-vdrop fit'")
-    ev.add_argument(
-        "--num-samples", type=_parse("positive_int"), default=10, metavar="S", help="posterior draws (default: 10)"
-    )
-    ev.add_argument(
-        "--threshold",
-        type=_finite_float,
-        default=PRUNE_THRESHOLD,
-        help=f"pruning threshold on log α (default: {PRUNE_THRESHOLD})",
-    )
-    ev.add_argument(
-        "--seed", type=_parse("non_negative_int"), default=0, help="seed of the Monte Carlo draws (default: 0)"
-    )
+    _add_run_argument(ev)
+    draws = "posterior draws (default: 10)"
+    ev.add_argument("--num-samples", type=_parse(_POSITIVE_INT), default=10, metavar="S", help=draws)
+    _add_threshold_argument(ev)
+    seed = "seed of the Monte Carlo draws (default: 0)"
+    ev.add_argument("--seed", type=_parse("non_negative_int"), default=0, help=seed)
     ev.add_argument("--device", choices=DEVICES, help="where to compute (default: the run's)")
     ev.add_argument("--data-dir", metavar="DIR", help="folder of the MNIST IDX files (default: the run's)")
-    ev.add_argument("--threads", type=_parse("positive_int"), metavar="N", help="torch CPU threads (default: torch's)")
+    ev.add_argument("--threads", type=_parse(_POSITIVE_INT), metavar="N", help="torch CPU threads (default: torch's)")
 
+
+def _add_report_parser(commands) -> None:
     rep = commands.add_parser(
         "report",
         help="report.md with log α histograms, training curves and first-layer masks (needs matplotlib)",
@@ -160,17 +167,13 @@ def build_parser() -> argparse.ArgumentParser:
         "error / sparsity / ELBO curves, and the kept-weight masks of the first layer. Needs matplotlib "
         "(pip install 'pyro-vdrop[plot]').",
     )
-    rep.add_argument("--run", metavar="DIR", required=True, help="a run directory written by 'pyro-vdrop fit'")
-    rep.add_argument(
-        "--max-units", type=_parse("positive_int"), default=100, help="units shown in the mask grid (default: 100)"
-    )
-    rep.add_argument(
-        "--threshold",
-        type=_finite_float,
-        default=PRUNE_THRESHOLD,
-        help=f"pruning threshold on log α (default: {PRUNE_THRESHOLD})",
-    )
+    _add_run_argument(rep)
+    units = "units shown in the mask grid (default: 100)"
+    rep.add_argument("--max-units", type=_parse(_POSITIVE_INT), default=100, help=units)
+    _add_threshold_argument(rep)
 
+
+def _add_convert_parser(commands) -> None:
     conv = commands.add_parser(
         "convert",
         help="rewrite a run's checkpoint of an older pyro-vdrop in the safe format (only runs you wrote yourself)",
@@ -179,13 +182,9 @@ def build_parser() -> argparse.ArgumentParser:
         "code. Reading the old file can run code hidden in it: convert only runs you wrote yourself, and say so "
         "with --trust-checkpoint. The old file is kept as checkpoint.pt.format1.",
     )
-    conv.add_argument("--run", metavar="DIR", required=True, help="a run directory written by 'pyro-vdrop fit'")
-    conv.add_argument(
-        "--trust-checkpoint",
-        action="store_true",
-        help="confirm that you wrote this run yourself (required: the old format can carry code)",
-    )
-    return parser
+    _add_run_argument(conv)
+    trust = "confirm that you wrote this run yourself (required: the old format can carry code)"
+    conv.add_argument("--trust-checkpoint", action="store_true", help=trust)
 
 
 _CONFIG_FIELDS = tuple(f.name for f in dataclasses.fields(TrainConfig))
