@@ -462,3 +462,24 @@ def test_uses_outside_a_model_run_stay_independent():
     x = torch.randn(4, 3)
     assert not torch.equal(F.linear(x, w), F.linear(x, w))
     F.linear(torch.randn(2, 4, 3), w)  # another batch shape: no error
+
+
+@pytest.mark.parametrize("op", ["linear", "conv2d"])
+def test_flipout_variance_of_a_minibatch_mean_falls_as_one_over_m(op):
+    """
+    Flipout's point: with per-example signs the outputs of M examples are uncorrelated, so the variance of
+    their mean is 1/M of one output's, even for M copies of one input (one shared perturbation without the
+    signs would give correlation 1 and no reduction). Checked for linear layers and convolutions.
+    """
+    M, calls = 8, 2000
+    if op == "linear":
+        x, loc = torch.randn(1, 5).expand(M, 5), torch.randn(3, 5)
+        f = F.linear
+    else:
+        x, loc = torch.randn(1, 2, 5, 5).expand(M, 2, 5, 5), torch.randn(3, 2, 3, 3)
+        f = F.conv2d
+    fn, w = _lazy(loc, torch.full(loc.shape, -0.5), "flipout")
+    out = torch.stack([f(x, w) for _ in range(calls)])  # (calls, M, ...)
+    ratio = out.mean(1).var(0) * M / out.var((0, 1))  # 1 for uncorrelated examples, M for a shared perturbation
+    # the sample variance of `calls` draws has relative standard error sqrt(2 / calls) ~ 3.2%
+    assert (ratio - 1).abs().max() < Z * (2 / calls) ** 0.5 * 1.5
