@@ -102,7 +102,9 @@ class ImproperLogUniform(TorchDistribution):
             "ImproperLogUniform is an improper prior (p(w) ∝ 1/|w| has no normalising constant) and cannot be "
             "sampled. Use it as the prior of a weight site with a variational-dropout guide, e.g. "
             "pyro_vdrop.infer.AutoVariationalDropout(model), and train with TraceMeanField_ELBO; to draw "
-            "weights, sample from the guide (pyro.infer.Predictive(model, guide=guide, ...))."
+            "weights or predictions, sample from the guide with pyro_vdrop.infer.Predictive(model, guide=guide, ...) "
+            "(pyro.infer.Predictive first samples the model from its prior, which fails on this prior), and "
+            "initialise autoguides with init_loc_fn=pyro_vdrop.infer.init_to_fan_in."
         )
 
     def rsample(self, sample_shape=torch.Size()):

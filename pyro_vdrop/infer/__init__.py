@@ -9,6 +9,7 @@ from .autoguide import (
     preset,
 )
 from .gradient_variance import GRADIENT_ESTIMATORS, gradient_variance
+from .kl_annealing import KLAnnealingMessenger, kl_annealing
 from .predictive import Predictive, trace_guide_then_model
 from .sparsity import PRUNE_LOG_ALPHA_THRESHOLD, SPARSE_VD_LOG_ALPHA_CLIP, prune_params, sparsity_summary
 
@@ -16,12 +17,14 @@ __all__ = [
     "AutoVariationalDropout",
     "AutoVariationalDropoutMessenger",
     "GRADIENT_ESTIMATORS",
+    "KLAnnealingMessenger",
     "PRUNE_LOG_ALPHA_THRESHOLD",
     "Predictive",
     "SPARSE_VD_LOG_ALPHA_CLIP",
     "VariationalDropoutOptions",
     "gradient_variance",
     "init_to_fan_in",
+    "kl_annealing",
     "preset",
     "prune_params",
     "sparsity_summary",

@@ -51,43 +51,86 @@ def linear_mean(x, loc, bias=None):
     return F.linear(x, loc, bias)
 
 
-def linear_lrt(x, loc, variance, bias=None):
-    """An LRT sample of ``F.linear(x, W, bias)``, independent for every leading index of ``x``."""
+def linear_lrt(x, loc, variance, bias=None, noise=None):
+    r"""
+    An LRT sample of ``F.linear(x, W, bias)``, independent for every leading index of ``x``.
+
+    :param noise: The standard normal :math:`\zeta`, of the output's shape (drawn if ``None``).
+    """
     gamma = F.linear(x, loc, bias)
-    return torch.addcmul(gamma, _sqrt(F.linear(x * x, variance)), torch.randn_like(gamma))
+    noise = torch.randn_like(gamma) if noise is None else noise
+    return torch.addcmul(gamma, _sqrt(F.linear(x * x, variance)), noise)
 
 
-def linear_flipout(x, loc, scale, bias=None):
-    """A Flipout sample of ``F.linear(x, W, bias)``, with random signs per example."""
+def linear_lrt_weights(x, loc, scale, variance, noise):
+    r"""
+    Per-example weight samples that agree with an LRT sample drawn before: :math:`W_n \sim q(W \mid
+    \mathrm{linear}(x_n, W) = b_n)`, where :math:`b = \gamma + \sqrt\delta \odot \zeta` was the output of
+    :func:`linear_lrt` with standard normal ``noise`` :math:`\zeta`. Every row of :math:`W` is conditioned on
+    its one output by Matheron's rule: with :math:`W'_n = \mu + \sigma \odot \epsilon_n` a fresh sample,
+
+    .. math::
+
+        W_n = W'_n + \frac{\sigma^2 \odot x_n}{\delta_n} \bigl(\sqrt{\delta_n} \odot \zeta_n
+            - \mathrm{linear}(x_n, W'_n - \mu)\bigr),
+
+    so that :math:`(b_n, W_n)` has exactly the joint law of :math:`(\mathrm{linear}(x_n, W), W)` and a later
+    use of the same weight by example :math:`n` (weight tying) sees the weight that produced :math:`b_n`.
+
+    :returns: weights of shape ``x.shape[:-1] + loc.shape``.
+    """
+    delta = F.linear(x * x, variance).add_(torch.finfo(x.dtype).tiny)
+    dw = scale * torch.randn(x.shape[:-1] + loc.shape, dtype=loc.dtype, device=loc.device)
+    residual = delta.sqrt() * noise - torch.einsum("...i,...oi->...o", x, dw)
+    gain = variance * x.unsqueeze(-2) / delta.unsqueeze(-1)
+    return loc + dw + gain * residual.unsqueeze(-1)
+
+
+def linear_flipout(x, loc, scale, bias=None, *, perturbation=None, sign_in=None, sign_out=None):
+    r"""
+    A Flipout sample of ``F.linear(x, W, bias)``, with random signs per example.
+
+    :param perturbation: :math:`\Delta W = \sigma \odot \epsilon`, shared by the examples (drawn if ``None``).
+    :param sign_in: Random signs of ``x``'s shape (drawn if ``None``).
+    :param sign_out: Random signs of the output's shape (drawn if ``None``).
+    """
     gamma = F.linear(x, loc, bias)
-    delta_w = scale * torch.randn_like(loc)
-    sign_in = _rademacher(x.shape, x)
-    sign_out = _rademacher(gamma.shape, gamma)
+    delta_w = scale * torch.randn_like(loc) if perturbation is None else perturbation
+    sign_in = _rademacher(x.shape, x) if sign_in is None else sign_in
+    sign_out = _rademacher(gamma.shape, gamma) if sign_out is None else sign_out
     return gamma + F.linear(x * sign_in, delta_w) * sign_out
 
 
 def linear_per_example(x, loc, scale, bias=None):
     """``F.linear`` with an explicit weight sample for every leading index of ``x``."""
     ws = loc + scale * torch.randn(x.shape[:-1] + loc.shape, dtype=loc.dtype, device=loc.device)
-    out = torch.einsum("...i,...oi->...o", x, ws)
+    return linear_given_weights(x, ws, bias)
+
+
+def linear_given_weights(x, weights, bias=None):
+    """``F.linear`` with the weight ``weights[n]`` (of shape ``x.shape[:-1] + (out, in)``) for example ``n``."""
+    out = torch.einsum("...i,...oi->...o", x, weights)
     return out if bias is None else out + bias
 
 
-def linear_correlated(x, loc, noise_scale):
+def linear_correlated(x, loc, noise_scale, noise=None):
     r"""
     ``F.linear(x, W)`` for :math:`W = \xi \odot \mu` with :math:`\xi \sim \mathcal{N}(1, \alpha)` shared along
     the input units, the output units or the whole layer, as ``noise_scale`` (:math:`\sqrt\alpha`, of shape
     ``(1 or out, 1 or in)``) says; drawn once per example.
+
+    :param noise: The standard normal :math:`\epsilon = (\xi - 1) / \sqrt\alpha`, of shape
+        ``x.shape[:-1] + noise_scale.shape`` (drawn if ``None``).
     """
     n_out, n_in = noise_scale.shape
+    if noise is None:
+        noise = torch.randn(x.shape[:-1] + (n_out, n_in), dtype=x.dtype, device=x.device)
+    xi = 1 + noise_scale * noise
     if n_out == 1 and n_in == 1:
-        out = F.linear(x, loc)
-        eps = torch.randn(out.shape[:-1] + (1,), dtype=out.dtype, device=out.device)
-        return out * (1 + noise_scale.reshape(()) * eps)
+        return F.linear(x, loc) * xi[..., 0]
     if n_out == 1:  # noise per input unit: Gaussian dropout on the inputs
-        return F.linear(x * (1 + noise_scale.reshape(-1) * torch.randn_like(x)), loc)
-    out = F.linear(x, loc)  # noise per output unit
-    return out * (1 + noise_scale.reshape(-1) * torch.randn_like(out))
+        return F.linear(x * xi[..., 0, :], loc)
+    return F.linear(x, loc) * xi[..., :, 0]  # noise per output unit
 
 
 # ----- F.conv1d/2d/3d: x of shape (N, in, *spatial), weight of shape (out, in/groups, *kernel) -----
@@ -153,7 +196,9 @@ __all__ = [
     "conv_per_example",
     "linear_correlated",
     "linear_flipout",
+    "linear_given_weights",
     "linear_lrt",
+    "linear_lrt_weights",
     "linear_mean",
     "linear_per_example",
 ]

@@ -18,7 +18,9 @@ from .lazy_ops import (
     conv_per_example,
     linear_correlated,
     linear_flipout,
+    linear_given_weights,
     linear_lrt,
+    linear_lrt_weights,
     linear_mean,
     linear_per_example,
 )
@@ -54,7 +56,16 @@ _ADD = {torch.add, torch.Tensor.add, torch.Tensor.__add__, torch.Tensor.__radd__
 
 
 class LazyWeightError(RuntimeError):
-    """Raised when a lazy weight is used by an operation that the local reparameterization does not support."""
+    """
+    Raised when a lazy weight is used by an operation that the local reparameterization does not support, or
+    used twice in one model run in a way whose noise cannot be shared.
+    """
+
+
+_SUPPORTED = (
+    "F.linear, matmul/@ and F.conv1d/2d/3d (after transposes or reshapes) are supported, and adding a lazy bias "
+    "to a batch of pre-activations"
+)
 
 
 def _op_name(func):
@@ -91,6 +102,18 @@ class LazyWeight(torch.Tensor):
     Every other use of the tensor (elementwise maths, indexing, reading its values) raises a
     :class:`LazyWeightError` naming the site and the operation, unless the handler was created
     with ``fallback=True``, in which case one ordinary weight sample is drawn for the site.
+    An autoguide's auxiliary value (``auxiliary=True``) that the guide transforms before handing it
+    to the model (e.g. ``exp`` for a positive site) becomes one ordinary sample at that transform,
+    and the guide's site then gets its ordinary log-density.
+
+    **Weight tying.** After :meth:`start_run` (the handler calls it when the model's site receives the
+    weight) every use of the weight in that model run sees the same weight per example: a second
+    ``F.linear``/``matmul`` use (e.g. ``W.t()`` in a decoder) reuses the first use's Flipout perturbation
+    and signs or correlated noise, and for LRT and ``"per-example"`` uses per-example weight samples that
+    agree with the first use's output (drawn by Matheron's rule, :func:`~pyro_vdrop.poutine.lazy_ops.
+    linear_lrt_weights`), so the joint law of the outputs is exact. Tied uses that cannot share their noise
+    (a convolution, a reshaped weight, inputs of another batch shape, an ordinary sample after a noisy use)
+    raise a :class:`LazyWeightError` naming the site and both operations.
 
     Semantics: every leading index of a linear op's input is an example with its own,
     independent weight noise; for convolutions LRT noise is independent per output element
@@ -127,6 +150,13 @@ class LazyWeight(torch.Tensor):
         self._sample = None
         self._parent = None
         self._view_fn = None
+        # weight tying (kept on the root): whether uses are tracked as one model run, and the first noisy use
+        self._tracking = False
+        self._tie = None
+        # auxiliary values: whether the value reached a site unchanged, or an ordinary sample was drawn
+        # for the guide's transform
+        self._delivered = False
+        self._guide_sampled = False
         return self
 
     def __init__(self, *args, **kwargs):
@@ -223,6 +253,28 @@ class LazyWeight(torch.Tensor):
         new._view_fn = fn
         return new
 
+    def start_run(self) -> None:
+        """
+        Starts a model run: every later use of the weight (and of its transposes and reshapes) is one use of a
+        single weight, whose noise the uses share (see *Weight tying* above). Earlier uses are forgotten, and
+        so is an ordinary sample drawn for ``fallback=True`` (not one drawn for the guide's transform).
+        """
+        root = self.root
+        root._tracking = True
+        root._tie = None
+        root._delivered = True
+        if not root._guide_sampled:
+            root._sample = None
+
+    def mark_delivered(self) -> None:
+        """Records that an autoguide passed this auxiliary value on unchanged (its transform is the identity)."""
+        self.root._delivered = True
+
+    @property
+    def guide_sampled(self) -> bool:
+        """Whether an ordinary sample was drawn for the guide's transform of this (auxiliary) value."""
+        return self.root._guide_sampled
+
     def materialize(self):
         """One ordinary reparameterized sample of the weight (cached, so that every use agrees)."""
         root = self.root
@@ -241,6 +293,10 @@ class LazyWeight(torch.Tensor):
             with torch._C.DisableTorchFunctionSubclass():
                 return func(*args, **kwargs)
         lazies = [a for a in _flat(args, kwargs) if isinstance(a, LazyWeight)]
+        if any(lazy.auxiliary and not lazy.root._delivered for lazy in lazies):
+            # an autoguide's transform of its auxiliary value (exp, sigmoid, slicing, ...): the site is not a
+            # weight with real support, so it becomes one ordinary sample (with its log-density in the guide)
+            return _fallback_or_raise(func, args, kwargs, lazies, "")
         try:
             if func in _LINEAR:
                 return _dispatch_linear(*args, **kwargs)
@@ -257,7 +313,7 @@ class LazyWeight(torch.Tensor):
         except UnsupportedOperation as e:
             reason = str(e)
         else:
-            reason = "it is not linear in the weight"
+            reason = "only " + _SUPPORTED
         return _fallback_or_raise(func, args, kwargs, lazies, reason)
 
 
@@ -269,28 +325,30 @@ def _flat(args, kwargs):
             yield a
 
 
+_SELECT = (
+    "choose the sites that the handler makes lazy with local_reparam(sites=[...]) (it selects: sites left out "
+    "stay ordinary samples)"
+)
+
+
 def _fallback_or_raise(func, args, kwargs, lazies, reason):
     name = _op_name(func)
-    strict = [lazy for lazy in lazies if not lazy.fallback or lazy.auxiliary]
+    pending = [lazy for lazy in lazies if lazy.auxiliary and not lazy.root._delivered]
+    strict = [lazy for lazy in lazies if not lazy.fallback and not (lazy.auxiliary and not lazy.root._delivered)]
     if strict:
         lazy = strict[0]
-        remedy = (
-            "Use the weight only in F.linear, matmul/@, F.conv1d/2d/3d (after transposes or reshapes), "
-            "add a lazy bias to a batch of pre-activations, or exclude the site from the handler with "
-            "local_reparam(sites=...)"
-        )
-        if lazy.auxiliary:
-            remedy += (
-                "; this site is the auxiliary unconstrained value of an autoguide, whose transform must be the "
-                "identity (real support): exclude the site"
-            )
-        else:
-            remedy += ", or pass local_reparam(fallback=True) to draw an ordinary weight sample for such uses"
         raise LazyWeightError(
-            f"local_reparam: the weight of site {lazy.site!r} has no sampled value, and the operation "
-            f"{name!r} cannot consume it ({reason}). {remedy}."
+            f"local_reparam: the weight of site {lazy.site!r} has no sampled value, and the operation {name!r} is "
+            f"not supported on it ({reason}). Use the weight only in F.linear, matmul/@ or F.conv1d/2d/3d, "
+            f"{_SELECT}, or pass local_reparam(fallback=True) to draw one ordinary weight sample for such uses."
         )
-    # Explicit fallback (opt-in): use one ordinary weight sample per site.
+    for lazy in lazies:
+        root = lazy.root
+        if root._tracking and root._tie is not None and root._sample is None:
+            raise _tied_error(lazy, name, "an ordinary weight sample cannot agree with the noise of the first use")
+    for lazy in pending:
+        lazy.root._guide_sampled = True
+    # Explicit fallback (opt-in), or an autoguide's transform: use one ordinary weight sample per site.
     args = _replace(args)
     kwargs = {k: _replace(v) for k, v in kwargs.items()}
     return func(*args, **kwargs)
@@ -305,6 +363,34 @@ def _replace(a):
 
 
 # ----- view bookkeeping for the fallback -----
+
+
+def _tied_error(lazy, op, reason):
+    first = lazy.root._tie["op"]
+    return LazyWeightError(
+        f"local_reparam: the weight of site {lazy.site!r} is used twice in one model run, by {first!r} and then "
+        f"{op!r}, and the second use cannot share the first use's noise ({reason}); independent noise per use "
+        "would be a different model. Tied weights are supported in F.linear and matmul/@ (also transposed) with "
+        f"inputs of the same batch shape. Otherwise give each use its own site, or {_SELECT}."
+    )
+
+
+def _orientation(w):
+    """Whether the 2-dim lazy weight ``w`` is its site's weight (False) or its transpose (True); None if neither."""
+    root = w.root
+    if w is root:
+        return False if root.dim() == 2 else None
+    if root.dim() != 2 or w.dim() != 2:
+        return None
+    probe = torch.arange(root.numel(), device=root.device).reshape(root.shape)
+    view = _replay_views(w, probe)
+    if torch.equal(view, probe):
+        return False
+    return True if torch.equal(view, probe.t()) else None
+
+
+def _swap(t, transposed):
+    return t.transpose(-1, -2) if transposed else t
 
 
 def _replay_views(lazy, sample):
@@ -356,8 +442,24 @@ def _check_weight(w, ndim, op):
         raise UnsupportedOperation(f"{op} needs a weight with {ndim} dims, got shape {tuple(w.shape)}")
 
 
-def _sample_like(lazy, shape):
+def _sample_like(lazy, shape, op="add"):
     """A sample of a (small, bias-like) lazy tensor, independent for every index of ``shape``."""
+    root = lazy.root
+    if root._sample is not None:
+        return lazy.materialize()
+    if root._tracking:
+        tie = root._tie
+        if tie is None:
+            sample = _draw_like(lazy, shape)
+            root._tie = {"op": op, "kind": "bias", "view": lazy, "shape": tuple(shape), "sample": sample}
+            return sample
+        if tie["kind"] == "bias" and tie["view"] is lazy and tie["shape"] == tuple(shape):
+            return tie["sample"]
+        raise _tied_error(lazy, op, "a bias is shared only when added twice to outputs of the same shape")
+    return _draw_like(lazy, shape)
+
+
+def _draw_like(lazy, shape):
     loc = lazy.loc
     if lazy.is_correlated:
         lead = tuple(shape[: len(shape) - loc.dim()])
@@ -366,32 +468,39 @@ def _sample_like(lazy, shape):
     return loc + lazy.scale * torch.randn(shape, dtype=loc.dtype, device=loc.device)
 
 
-def _add_bias(out, bias, channel_dim):
+def _add_bias(out, bias, channel_dim, op="bias"):
     if bias is None:
         return out
     if isinstance(bias, LazyWeight):
         # one bias sample per example (cheap: examples x units); shared across spatial positions
         lead = out.shape[: channel_dim + 1] if channel_dim >= 0 else out.shape
-        b = _sample_like(bias, lead)
+        b = _sample_like(bias, lead, op)
         return out + b.reshape(b.shape + (1,) * (out.dim() - b.dim()))
     if channel_dim >= 0 and out.dim() > channel_dim + 1:
         bias = bias.reshape(bias.shape + (1,) * (out.dim() - channel_dim - 1))
     return out + bias
 
 
-def lazy_linear(x, w, bias=None):
+def lazy_linear(x, w, bias=None, *, op="linear"):
     r"""
     A sample of ``F.linear(x, W, bias)`` for a lazy weight ``W`` of shape ``(out, in)``, independent
-    for every leading index of ``x``.
+    for every leading index of ``x`` (and, after :meth:`LazyWeight.start_run`, the same weight per
+    example as the weight's earlier uses in the run).
 
     :param torch.Tensor x: Inputs of shape ``(..., in)``.
     :param LazyWeight w: The lazy weight.
     :param bias: ``None``, a tensor, or a lazy bias of shape ``(out,)``.
+    :param str op: The operation's name, for error messages.
     :rtype: torch.Tensor
     """
     _check_weight(w, 2, "linear")
     if isinstance(x, LazyWeight):
         raise UnsupportedOperation("both operands are lazy")
+    if w.root._sample is not None:  # an ordinary sample was drawn (fallback=True): every use sees it
+        return F.linear(x, w.materialize(), bias)
+    if w.root._tracking and (w.is_correlated or w.estimator != MEAN):
+        plain_bias, bias = (bias, None) if torch.is_tensor(bias) and not isinstance(bias, LazyWeight) else (None, bias)
+        return _add_bias(_tracked_linear(x, w, plain_bias, op), bias, -1)
     if w.is_correlated:
         return _add_bias(linear_correlated(x, w.loc, w.noise_scale), bias, -1)
     # a plain bias is fused into the mean's matmul (addmm)
@@ -407,6 +516,70 @@ def lazy_linear(x, w, bias=None):
     return _add_bias(out, bias, -1)
 
 
+def _tracked_linear(x, w, bias, op):
+    """``F.linear(x, w, bias)`` for a weight whose uses in a model run share one weight per example."""
+    root, lead, transposed = w.root, x.shape[:-1], _orientation(w)
+    tie = root._tie
+    if tie is None:
+        return _first_linear(x, w, bias, op, lead, transposed)
+    if tie["kind"] not in ("lrt", "flipout", "per-example", "correlated"):
+        raise _tied_error(w, op, f"the first use was not a linear op ({tie['kind']})")
+    if transposed is None or tie["transposed"] is None:
+        raise _tied_error(w, op, "a reshaped weight's noise cannot be matched across uses")
+    if tie["lead"] != lead:
+        raise _tied_error(
+            w,
+            op,
+            f"the inputs' batch shapes differ: {tuple(tie['lead'])} and {tuple(lead)}, so uses cannot be "
+            "matched example by example",
+        )
+    if tie["kind"] == "flipout":
+        r, s = tie["sign_out"], tie["sign_in"]  # in the site's orientation
+        sign_in, sign_out = (r, s) if transposed else (s, r)
+        perturbation = _swap(tie["perturbation"], transposed)
+        return linear_flipout(x, w.loc, None, bias, perturbation=perturbation, sign_in=sign_in, sign_out=sign_out)
+    if tie["kind"] == "correlated":
+        return _add_plain(linear_correlated(x, w.loc, w.noise_scale, _swap(tie["noise"], transposed)), bias)
+    if "weights" not in tie:  # LRT: per-example weights that agree with the first use's output
+        first = tie["view"]
+        ws = linear_lrt_weights(tie["x"], first.loc, first.scale, first.variance, tie["noise"])
+        tie["weights"] = _swap(ws, tie["transposed"])
+    return linear_given_weights(x, _swap(tie["weights"], transposed), bias)
+
+
+def _add_plain(out, bias):
+    return out if bias is None else out + bias
+
+
+def _first_linear(x, w, bias, op, lead, transposed):
+    """The first use of a weight in a model run: draws its noise explicitly and records it on the site's root."""
+    loc = w.loc
+    tie = {"op": op, "lead": lead, "transposed": transposed}
+    if w.is_correlated:
+        noise = torch.randn(lead + w.noise_scale.shape, dtype=x.dtype, device=x.device)
+        out = _add_plain(linear_correlated(x, loc, w.noise_scale, noise), bias)
+        tie.update(kind="correlated", noise=_swap(noise, transposed))
+    elif w.estimator == LRT:
+        noise = torch.randn(lead + loc.shape[:1], dtype=x.dtype, device=x.device)
+        out = linear_lrt(x, loc, w.variance, bias, noise)
+        tie.update(kind="lrt", view=w, x=x, noise=noise)
+    elif w.estimator == PER_EXAMPLE:
+        ws = loc + w.scale * torch.randn(lead + loc.shape, dtype=loc.dtype, device=loc.device)
+        out = linear_given_weights(x, ws, bias)
+        tie.update(kind="per-example", weights=_swap(ws, transposed))
+    else:
+        perturbation = w.scale * torch.randn_like(loc)
+        sign_in = torch.empty(x.shape, dtype=x.dtype, device=x.device).bernoulli_(0.5).mul_(2).sub_(1)
+        sign_out = torch.empty(lead + loc.shape[:1], dtype=x.dtype, device=x.device).bernoulli_(0.5).mul_(2).sub_(1)
+        out = linear_flipout(x, loc, None, bias, perturbation=perturbation, sign_in=sign_in, sign_out=sign_out)
+        # kept in the site's orientation: sign_out multiplies the site's rows, sign_in its columns
+        if transposed:
+            sign_in, sign_out = sign_out, sign_in
+        tie.update(kind="flipout", perturbation=_swap(perturbation, transposed), sign_in=sign_in, sign_out=sign_out)
+    w.root._tie = tie
+    return out
+
+
 def _dispatch_linear(input, weight, bias=None):
     if not isinstance(weight, LazyWeight):
         if isinstance(bias, LazyWeight):
@@ -418,22 +591,23 @@ def _dispatch_linear(input, weight, bias=None):
 def _dispatch_matmul(func, a, b, **kwargs):
     if kwargs:
         raise UnsupportedOperation(f"keyword arguments {sorted(kwargs)}")
+    op = _op_name(func)
     if func is torch.Tensor.__rmatmul__:
         a, b = b, a
     if isinstance(a, LazyWeight) and isinstance(b, LazyWeight):
         raise UnsupportedOperation("both operands are lazy")
     if isinstance(b, LazyWeight):
         if b.dim() == 1:  # x @ w with w of shape (in,)
-            return lazy_linear(a, _view(b, lambda t: t.unsqueeze(0))).squeeze(-1)
+            return lazy_linear(a, _view(b, lambda t: t.unsqueeze(0)), op=op).squeeze(-1)
         _check_weight(b, 2, "matmul")
-        return lazy_linear(a, _view(b, lambda t: t.t()))
+        return lazy_linear(a, _view(b, lambda t: t.t()), op=op)
     # W @ x: examples are the columns of x
     if a.dim() == 1:
         raise UnsupportedOperation("a 1-dim lazy vector on the left of matmul")
     _check_weight(a, 2, "matmul")
     if b.dim() == 1:
-        return lazy_linear(b, a)
-    return lazy_linear(b.transpose(-1, -2), a).transpose(-1, -2)
+        return lazy_linear(b, a, op=op)
+    return lazy_linear(b.transpose(-1, -2), a, op=op).transpose(-1, -2)
 
 
 def _dispatch_add(func, a, b, **kwargs):
@@ -449,7 +623,7 @@ def _dispatch_add(func, a, b, **kwargs):
         raise UnsupportedOperation(
             "only a bias-like lazy tensor (one non-singleton dim) can be added to a batch of pre-activations"
         )
-    return other + _sample_like(lazy, shape)
+    return other + _sample_like(lazy, shape, _op_name(func))
 
 
 def _expand_param(x, n):
@@ -475,7 +649,14 @@ def lazy_conv(nd, x, w, bias=None, stride=1, padding=0, dilation=1, groups=1):
     unbatched = x.dim() == nd + 1
     if unbatched:
         x = x.unsqueeze(0)
-    if w.is_correlated:
+    root, op = w.root, f"conv{nd}d"
+    if root._tracking and (w.is_correlated or w.estimator != MEAN) and root._sample is None:
+        if root._tie is not None:
+            raise _tied_error(w, op, "a convolution's noise is not shared with other uses")
+        root._tie = {"op": op, "kind": "conv"}
+    if root._sample is not None:  # an ordinary sample was drawn (fallback=True): every use sees it
+        out = conv(x, w.materialize(), None, **kw)
+    elif w.is_correlated:
         out = conv_correlated(conv, x, w.loc, w.noise_scale, **kw)
     elif w.estimator == MEAN:
         out = conv_mean(conv, x, w.loc, **kw)

@@ -4,7 +4,6 @@ from collections.abc import Callable, Collection
 
 import torch
 from pyro.distributions import Delta
-from pyro.distributions.score_parts import ScoreParts
 from pyro.distributions.util import scale_and_mask
 from pyro.poutine.messenger import Messenger
 from pyro.poutine.trace_messenger import TraceMessenger
@@ -71,11 +70,17 @@ class LocalReparamMessenger(Messenger):
         :class:`~pyro_vdrop.distributions.CorrelatedVariationalDropoutNormal`, and the ``Normal`` of an
         autoguide's auxiliary site; a plain ``Normal`` elsewhere is left alone, since an unobserved Normal
         likelihood must stay a sample), a collection of site names (any factorized Gaussian site named
-        is made lazy), or a callable ``(name, msg) -> bool``. An autoguide's auxiliary site
-        ``"<name>_unconstrained"`` is selected by ``"<name>"``.
+        is made lazy), or a callable ``(name, msg) -> bool``: it *selects* the sites made lazy, every other
+        site stays an ordinary sample. An autoguide's auxiliary site ``"<name>_unconstrained"`` is selected by
+        ``"<name>"``; if the guide transforms it (a constrained site: ``exp``, ``sigmoid``, slicing), it becomes
+        one ordinary sample at the transform, with its ordinary log-density, as without the handler.
     :param bool fallback: If ``True``, a lazy weight used by an unsupported operation is replaced by
-        one ordinary weight sample (drawn once per site and step). Off by default: such uses raise a
-        :class:`~pyro_vdrop.poutine.LazyWeightError` naming the site and the op.
+        one ordinary weight sample (drawn once per site and model run; autoguide sites included). Off by
+        default: such uses raise a :class:`~pyro_vdrop.poutine.LazyWeightError` naming the site and the op.
+
+    **Tied weights.** Every use of a weight in one model run sees the same weight per example (see
+    :class:`~pyro_vdrop.poutine.LazyWeight`); a tied use whose noise cannot be shared raises a
+    :class:`~pyro_vdrop.poutine.LazyWeightError` naming the site and both ops.
 
     **References**
 
@@ -125,6 +130,7 @@ class LocalReparamMessenger(Messenger):
             # An autoguide's (AutoNormal's) site on top of a lazy auxiliary value. The lazy value passed
             # through the transform unchanged, so the transform is the identity and the site's value is
             # distributed as the auxiliary Gaussian: record that distribution, so that an analytic KL applies.
+            base.v.mark_delivered()
             q = base.v.root.distribution
             if base.v.root is base.v and q.batch_shape == fn.batch_shape and q.event_shape == fn.event_shape:
                 msg["fn"] = q
@@ -157,6 +163,8 @@ class LocalReparamMessenger(Messenger):
         if origin:
             self._record_origin(msg, value)
         else:
+            # the model's site: a model run begins, whose uses of the weight share its noise
+            value.start_run()
             self._record_kl(msg, value.root)
 
     def _check_outside_trace(self, name):
@@ -175,12 +183,9 @@ class LocalReparamMessenger(Messenger):
             lazy.kl_mask = msg["mask"]
         # Recorded as a LocalReparamSite: TraceMeanField_ELBO then finds no registered KL for the site and
         # uses the terms recorded here and on the model site, so that the KL is computed once, not twice.
+        # Its log_prob is zero, or, if the guide transformed an autoguide's auxiliary value into an ordinary
+        # sample (a site without real support), that sample's log-density: computed when the ELBO asks.
         msg["fn"] = LocalReparamSite(msg["fn"], lazy)
-        zero = lazy.loc.new_zeros(()).expand(msg["fn"].batch_shape)
-        msg["unscaled_log_prob"] = zero
-        msg["log_prob"] = zero
-        msg["log_prob_sum"] = zero.sum()
-        msg["score_parts"] = ScoreParts(log_prob=zero, score_function=0, entropy_term=zero)
 
     @staticmethod
     def _record_kl(msg, lazy):

@@ -13,7 +13,7 @@ class LocalReparamSite(TorchDistribution):
     :class:`~pyro_vdrop.poutine.LocalReparamMessenger`: the guide site carries a zero log-density and the
     model site :math:`-\\mathrm{KL}(q \\| p)`. No KL is registered for this class on purpose, so that
     :class:`~pyro.infer.TraceMeanField_ELBO` uses those recorded terms instead of computing the KL a
-    second time. Its ``log_prob`` and ``rsample`` are not available: the weight is never sampled.
+    second time. Its ``rsample`` is not available: the weight is never sampled.
 
     :param base: The site's guide distribution.
     :param lazy: The site's lazy value.
@@ -53,7 +53,14 @@ class LocalReparamSite(TorchDistribution):
         self._unavailable("sample")
 
     def log_prob(self, value):
-        self._unavailable("log_prob")
+        """
+        Zero (the site's contribution is the analytic KL on the model site), or the log-density of the
+        ordinary sample that was drawn when an autoguide transformed this auxiliary value (e.g. ``exp`` for a
+        positive site), which is then the site's value for the ELBO.
+        """
+        if self.lazy.guide_sampled:
+            return self.base.log_prob(self.lazy.materialize())
+        return self.lazy.loc.new_zeros(()).expand(self.batch_shape)
 
     def __repr__(self):
         return f"LocalReparamSite({self.base!r})"

@@ -44,8 +44,12 @@ def test_log_prob_dtype_follows_value():
 
 @pytest.mark.parametrize("method", ["sample", "rsample"])
 def test_sampling_raises_with_advice(method):
-    with pytest.raises(NotImplementedError, match="improper.*AutoVariationalDropout"):
+    with pytest.raises(NotImplementedError, match="improper.*AutoVariationalDropout") as e:
         getattr(ImproperLogUniform().expand([3]), method)()
+    # the advice names the Predictive that works on this prior, not Pyro's, which fails on it
+    message = str(e.value)
+    assert "pyro_vdrop.infer.Predictive(model, guide=guide" in message
+    assert "pyro.infer.Predictive first samples the model from its prior" in message
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])

@@ -279,6 +279,8 @@ UNSUPPORTED = {
     "numpy": lambda w: w.numpy(),
     "sigmoid": lambda w: torch.sigmoid(w),
     "sum": lambda w: w.sum(),
+    "times_two": lambda w: w * 2,
+    "slice": lambda w: w[:, :3],
     "add_same_shape": lambda w: w + torch.ones(3, 4),
     "eq": lambda w: w == 0,
     "conv_wrong_dims": lambda w: F.conv1d(torch.randn(1, 4, 5), w),
@@ -292,6 +294,8 @@ def test_unsupported_use_raises(use):
     with pytest.raises(LazyWeightError, match=r"site 'layer\.weight'.*local_reparam\(sites=") as e:
         UNSUPPORTED[use](w)
     assert "fallback=True" in str(e.value)
+    # an op the handler does not support is "not supported", never "not linear" (W * 2, W.sum(), W[:, :3] are)
+    assert "is not supported" in str(e.value) and "not linear" not in str(e.value)
 
 
 def test_fallback_draws_one_sample():
@@ -301,3 +305,181 @@ def test_fallback_draws_one_sample():
     b = w.t().abs().t()
     assert type(a) is torch.Tensor and torch.equal(a, b)  # one cached sample for every use and view
     assert not torch.equal(a, fn.loc.abs())
+
+
+# ----- weight tying: one weight used by several ops in one model run -----
+
+TIED_FORMS = {
+    # an autoencoder with a tied decoder: h = W x, out = W^T h
+    "linear_then_transpose": lambda x, w: (lambda h: (h, F.linear(h, w.t())))(F.linear(x, w)),
+    "matmul_then_matmul": lambda x, w: (lambda h: (h, h @ w))(x @ w.T),
+    # the same layer applied twice (a recurrent or weight-shared block): h = W x, out = W h
+    "same_layer_twice": lambda x, w: (lambda h: (h, F.linear(h, w)))(F.linear(x, w)),
+}
+# the same with one explicit weight sample ws[s] per draw s
+TIED_REFERENCE = {
+    "linear_then_transpose": lambda x, ws: (lambda h: (h, torch.einsum("soi,so->si", ws, h)))(ws @ x),
+    "matmul_then_matmul": lambda x, ws: (lambda h: (h, torch.einsum("soi,so->si", ws, h)))(ws @ x),
+    "same_layer_twice": lambda x, ws: (lambda h: (h, torch.einsum("soi,si->so", ws, h)))(ws @ x),
+}
+
+
+def _untied(form, x, fn, S):
+    """The bug: independent weight samples for the two uses."""
+    h = fn.rsample((S,)) @ x
+    ws = fn.rsample((S,))
+    return torch.einsum("soi,si->so", ws, h) if form == "same_layer_twice" else torch.einsum("soi,so->si", ws, h)
+
+
+def _tied_draws(form, w, x, estimator, calls, per_call):
+    """Runs the tied ``form`` as ``calls`` model runs (``start_run``) of ``per_call`` copies of ``x``."""
+    hs, outs = [], []
+    for _ in range(calls):
+        w.start_run()
+        h, out = TIED_FORMS[form](x.expand(per_call, *x.shape), w)
+        hs.append(h)
+        outs.append(out)
+    return torch.cat(hs), torch.cat(outs)
+
+
+@pytest.mark.parametrize("form", sorted(TIED_FORMS))
+@pytest.mark.parametrize("estimator", ["lrt", "flipout", "per-example"])
+def test_tied_weight_matches_explicit_weight_draws(estimator, form):
+    """
+    A weight used twice in one model run is one weight: the joint law of both outputs matches Monte Carlo over
+    ordinary weight draws (W ~ q, then both ops with that W). Independent noise per use would shift the mean of
+    W^T W x by sum_j sigma_j^2 x and lose the covariance between the two outputs: both are checked.
+    """
+    x = torch.randn(5)
+    loc = torch.randn(5, 5) / 2
+    fn = VariationalDropoutNormal(loc, torch.full((5, 5), 0.0))  # alpha = 1: the tying effect is large
+    w = LazyWeight.from_distribution(fn.to_event(2), site="w", estimator=estimator)
+    S = NUM_SAMPLES
+    # Flipout shares one perturbation per model run: many runs of few examples
+    calls, per_call = (S // 10, 10) if estimator == "flipout" else (1, S)
+    h, out = _tied_draws(form, w, x, estimator, calls, per_call)
+    ws = fn.rsample((S,))
+    h_ref, out_ref = TIED_REFERENCE[form](x, ws)
+    # two-sample comparisons (fixed seed): means within Z standard errors, variances within 10% (the fourth
+    # moments of these products of Gaussians are heavy), the covariance of h and out within Z standard errors
+    var = out_ref.var(0)
+    assert ((out.mean(0) - out_ref.mean(0)).abs() <= Z * (2 * var / S).sqrt()).all()
+    assert ((out.var(0) / var - 1).abs() <= 0.1).all()
+    prod = (h[:, 0] - h[:, 0].mean()) * (out - out.mean(0)).T
+    prod_ref = (h_ref[:, 0] - h_ref[:, 0].mean()) * (out_ref - out_ref.mean(0)).T
+    se = (prod.var(1) / S + prod_ref.var(1) / S).sqrt()
+    assert ((prod.mean(1) - prod_ref.mean(1)).abs() <= Z * se).all()
+    # the reference is not blind to the bug: independent weights per use give another mean
+    untied = _untied(form, x, fn, S)
+    assert ((untied.mean(0) - out_ref.mean(0)).abs() > Z * (2 * var / S).sqrt()).any() or (
+        (untied.var(0) / var - 1).abs() > 0.1
+    ).any()
+
+
+@pytest.mark.parametrize("estimator", ["lrt", "flipout"])
+@pytest.mark.parametrize("noise", ["input", "output", "layer"])
+def test_tied_correlated_weight_matches_explicit_weight_draws(noise, estimator):
+    """Correlated noise (dropout "A") is shared by both uses of a tied weight, per example."""
+    x = torch.randn(4)
+    loc = torch.randn(4, 4) / 2
+    la_shape = {"input": (1, 4), "output": (4, 1), "layer": (1, 1)}[noise]
+    fn = CorrelatedVariationalDropoutNormal(loc, torch.full(la_shape, -0.5))
+    w = LazyWeight.from_distribution(fn.to_event(2), site="w", estimator=estimator)
+    S = NUM_SAMPLES
+    _, out = _tied_draws("linear_then_transpose", w, x, estimator, 1, S)
+    _, out_ref = TIED_REFERENCE["linear_then_transpose"](x, fn.rsample((S,)))
+    var = out_ref.var(0)
+    assert ((out.mean(0) - out_ref.mean(0)).abs() <= Z * (2 * var / S).sqrt()).all()
+    assert ((out.var(0) / var - 1).abs() <= 0.1).all()
+
+
+def test_tied_lrt_weights_agree_with_the_first_output():
+    """Matheron's rule: the per-example weights of a tied LRT weight reproduce the first use's output exactly."""
+    from pyro_vdrop.poutine.lazy_ops import linear_lrt, linear_lrt_weights
+
+    x = torch.randn(7, 5, dtype=torch.float64)
+    loc = torch.randn(3, 5, dtype=torch.float64)
+    scale = torch.rand(3, 5, dtype=torch.float64)
+    noise = torch.randn(7, 3, dtype=torch.float64)
+    out = linear_lrt(x, loc, scale**2, None, noise)
+    ws = linear_lrt_weights(x, loc, scale, scale**2, noise)
+    assert ws.shape == (7, 3, 5)
+    assert torch.allclose(torch.einsum("ni,noi->no", x, ws), out, atol=1e-10)
+
+
+TIED_ERRORS = {
+    "conv_then_linear": (
+        lambda w, x: F.linear(F.conv1d(torch.randn(4, 1, 12), w.reshape(1, 1, 9)).flatten(1)[:, :3], w),
+        r"site 'w' is used twice in one model run, by 'conv1d' and then 'linear'",
+    ),
+    "other_batch_shape": (
+        lambda w, x: F.linear(F.linear(x, w)[:2], w.t()),
+        r"site 'w' is used twice in one model run, by 'linear' and then 'linear'.*batch shapes differ: \(4,\) and "
+        r"\(2,\)",
+    ),
+    "reshaped": (
+        lambda w, x: (F.linear(x.repeat(1, 3), w.reshape(1, 9)), F.linear(x, w)),
+        r"site 'w' is used twice.*reshaped",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", ["conv_then_linear", "other_batch_shape"])
+@pytest.mark.parametrize("estimator", ["lrt", "flipout", "per-example"])
+def test_tied_weight_that_cannot_share_its_noise_raises(case, estimator):
+    fn = VariationalDropoutNormal(torch.randn(3, 3), torch.full((3, 3), -1.0))
+    w = LazyWeight.from_distribution(fn.to_event(2), site="w", estimator=estimator)
+    w.start_run()
+    use, message = TIED_ERRORS[case]
+    with pytest.raises(LazyWeightError, match=message) as e:
+        use(w, torch.randn(4, 3))
+    assert "own site" in str(e.value) and "local_reparam(sites=[...])" in str(e.value)
+
+
+def test_tied_weight_errors_for_reshapes_and_a_sample_after_noise():
+    fn = VariationalDropoutNormal(torch.randn(3, 3), torch.full((3, 3), -1.0))
+    w = LazyWeight.from_distribution(fn.to_event(2), site="w", estimator="lrt", fallback=True)
+    w.start_run()
+    with pytest.raises(LazyWeightError, match=TIED_ERRORS["reshaped"][1]):
+        TIED_ERRORS["reshaped"][0](w, torch.randn(4, 3))
+    # fallback=True: an ordinary sample after a noisy use could not agree with that use
+    w.start_run()
+    F.linear(torch.randn(4, 3), w)
+    with pytest.raises(LazyWeightError, match=r"by 'linear' and then 'abs'.*ordinary weight sample"):
+        w.abs()
+    # the other order is consistent: once sampled, every use sees that sample
+    w.start_run()
+    a = w.abs()
+    x = torch.randn(4, 3)
+    assert torch.equal(F.linear(x, w), F.linear(x, w.materialize()))
+    assert torch.equal(a, w.materialize().abs())
+
+
+def test_uses_outside_a_model_run_stay_independent():
+    """Without ``start_run`` (a weight used outside the handler's model run) every call draws afresh."""
+    fn = VariationalDropoutNormal(torch.randn(3, 3), torch.full((3, 3), -1.0))
+    w = LazyWeight.from_distribution(fn.to_event(2), site="w", estimator="lrt")
+    x = torch.randn(4, 3)
+    assert not torch.equal(F.linear(x, w), F.linear(x, w))
+    F.linear(torch.randn(2, 4, 3), w)  # another batch shape: no error
+
+
+@pytest.mark.parametrize("op", ["linear", "conv2d"])
+def test_flipout_variance_of_a_minibatch_mean_falls_as_one_over_m(op):
+    """
+    Flipout's point: with per-example signs the outputs of M examples are uncorrelated, so the variance of
+    their mean is 1/M of one output's, even for M copies of one input (one shared perturbation without the
+    signs would give correlation 1 and no reduction). Checked for linear layers and convolutions.
+    """
+    M, calls = 8, 2000
+    if op == "linear":
+        x, loc = torch.randn(1, 5).expand(M, 5), torch.randn(3, 5)
+        f = F.linear
+    else:
+        x, loc = torch.randn(1, 2, 5, 5).expand(M, 2, 5, 5), torch.randn(3, 2, 3, 3)
+        f = F.conv2d
+    fn, w = _lazy(loc, torch.full(loc.shape, -0.5), "flipout")
+    out = torch.stack([f(x, w) for _ in range(calls)])  # (calls, M, ...)
+    ratio = out.mean(1).var(0) * M / out.var((0, 1))  # 1 for uncorrelated examples, M for a shared perturbation
+    # the sample variance of `calls` draws has relative standard error sqrt(2 / calls) ~ 3.2%
+    assert (ratio - 1).abs().max() < Z * (2 / calls) ** 0.5 * 1.5

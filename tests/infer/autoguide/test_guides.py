@@ -1,10 +1,12 @@
 # SPDX-License-Identifier: Apache-2.0
 import math
+import warnings
 
 import pyro
 import pyro.distributions as dist
 import pytest
 import torch
+import torch.nn.functional as F
 from pyro import poutine
 from pyro.infer import SVI, Trace_ELBO, TraceMeanField_ELBO
 from pyro.infer.autoguide import AutoGuideList, AutoNormal, init_to_value
@@ -588,3 +590,73 @@ def test_guide_called_without_observations_says_so():
     # the failed first call left no half-made guide: with the observations it sets up
     guide(torch.randn(4, 3), torch.tensor([0, 1, 1, 0]))
     assert set(guide.log_alpha()) == {"weight"}
+
+
+def test_sparsity_at_the_threshold_is_not_pruned():
+    """
+    Hand-counted: the paper's guide caps log alpha at exactly 0, so with threshold 0 every capped weight sits on
+    the threshold, and "log alpha > threshold" prunes none of them (a ">=" would prune all seven).
+    """
+    x, y = linear_data()
+    guide = AutoVariationalDropout(linear_model)  # paper's B: log alpha <= 0
+    guide(x, y)
+    raw = torch.tensor([[4.0, 2.0, 0.0, -1.0], [0.0, 3.1, -2.9, 8.0], [-5.0, 1.0, -1.0, -0.25]])
+    pyro.get_param_store()["AutoVariationalDropout.log_alphas.w"] = raw
+    log_alpha = guide.log_alpha()["w"]
+    assert int((log_alpha == 0).sum()) == 7  # 4.0, 2.0, 0.0, 0.0, 3.1, 8.0, 1.0 capped to 0
+    assert guide.sparsity(threshold=0.0)["total"]["num_pruned"] == 0
+    assert guide.sparsity(threshold=-0.5)["total"]["num_pruned"] == 8  # the 7 zeros and -0.25
+    assert guide.sparsity()["total"]["num_pruned"] == 0
+
+
+def _mixed_model(weights_first):
+    def model(x, y=None):
+        w1 = pyro.sample("w1", ImproperLogUniform().expand([4, 3]).to_event(2))
+        if weights_first:
+            w2 = pyro.sample("w2", ImproperLogUniform().expand([1, 4]).to_event(2))
+        shift = pyro.sample("shift", dist.Normal(0.0, 1.0))
+        if not weights_first:
+            w2 = pyro.sample("w2", ImproperLogUniform().expand([1, 4]).to_event(2))
+        sigma = pyro.sample("sigma", dist.LogNormal(0.0, 1.0))
+        with pyro.plate("data", x.shape[0]):
+            mean = F.linear(torch.tanh(F.linear(x, w1)), w2).squeeze(-1) + shift
+            pyro.sample("obs", dist.Normal(mean, sigma), obs=y)
+
+    return model
+
+
+def test_readme_autoguide_list_recipe_and_the_mean_field_warning():
+    """
+    The README's AutoGuideList recipe: when the model's sites interleave weights and other latents,
+    TraceMeanField_ELBO warns that it cannot verify the mean-field order. The warning checks the order only:
+    the parts of the list are independent, and the same model with its sites in the guide's order (no warning)
+    gives exactly the same loss, so the README's filter is safe.
+    """
+    from pyro_vdrop.poutine import local_reparam
+
+    x, y = torch.randn(20, 3), torch.randn(20)
+    losses, state = {}, None
+    for weights_first in (True, False):
+        pyro.clear_param_store()
+        model = _mixed_model(weights_first)
+        weight_sites = ["w1", "w2"]
+        init = InitMessenger(init_to_fan_in)(model)
+        guide = AutoGuideList(init)
+        guide.append(AutoVariationalDropout(poutine.block(model, expose=weight_sites)))
+        guide.append(AutoNormal(poutine.block(init, hide=weight_sites)))
+        with local_reparam():
+            guide(x, y)
+            if state is None:
+                state = pyro.get_param_store().get_state()
+            pyro.get_param_store().set_state(state)  # the same parameters for both models
+            pyro.set_rng_seed(3)
+            if weights_first:
+                losses[weights_first] = TraceMeanField_ELBO().loss(model, guide, x, y)
+                continue
+            with pytest.warns(UserWarning, match="Failed to verify mean field restriction"):
+                TraceMeanField_ELBO().loss(model, guide, x, y)
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message="Failed to verify mean field restriction")  # the README's
+                pyro.set_rng_seed(3)
+                losses[weights_first] = TraceMeanField_ELBO().loss(model, guide, x, y)
+    assert losses[False] == losses[True]
