@@ -22,6 +22,8 @@ from pyro_vdrop.train import (
     process_group,
 )
 
+from .interrupt import Interrupt
+
 # 200 images, global batch 20: 10 steps per epoch, each process 10 images per step
 TINY = dict(
     model="mlp", width=16, train_subset=200, test_subset=100, batch_size=20, epochs=2, kl_warmup=1, pretrain_epochs=0
@@ -33,10 +35,6 @@ STEPS = 20
 
 def tiny(**options):
     return TrainConfig(**{**TINY, **options})
-
-
-class Interrupt(Exception):
-    pass
 
 
 class _Record:

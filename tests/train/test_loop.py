@@ -32,6 +32,8 @@ from pyro_vdrop.train import (
     save_checkpoint,
 )
 
+from .interrupt import Interrupt, interrupt_at
+
 # A tiny run: 200 images, 4 steps per epoch, a 3 × 32 MLP; a few seconds on 2 cores.
 TINY = dict(
     model="mlp", width=32, train_subset=200, test_subset=100, batch_size=50, epochs=3, kl_warmup=1.5, pretrain_epochs=0
@@ -40,18 +42,6 @@ TINY = dict(
 
 def tiny(**options):
     return TrainConfig(**{**TINY, **options})
-
-
-class Interrupt(Exception):
-    pass
-
-
-def _interrupt_at(stop_step):
-    def callback(info):
-        if info["step"] == stop_step:
-            raise Interrupt
-
-    return callback
 
 
 def _assert_same_state(a, b, atol=0.0):
@@ -81,7 +71,7 @@ def test_resume_after_interrupt_matches_uninterrupted_run(tmp_path, guide, estim
     full = load_checkpoint(tmp_path / "full" / CHECKPOINT_FILE)
 
     with pytest.raises(Interrupt):
-        fit(config, tmp_path / "cut", progress=False, callback=_interrupt_at(stop_step))
+        fit(config, tmp_path / "cut", progress=False, callback=interrupt_at(stop_step))
     cut = load_checkpoint(tmp_path / "cut" / CHECKPOINT_FILE)
     assert cut["epoch"] == stop_step // 4  # the last completed epoch, not the interrupted one
     assert len(cut["history"]) == cut["epoch"]
@@ -110,7 +100,7 @@ def test_checkpoint_of_pyro_lambda_lr_resumes_exactly(tmp_path, monkeypatch):
     with monkeypatch.context() as m:
         m.setattr("pyro_vdrop.optim.JointLRScheduler", pyro_lambda_lr)
         with pytest.raises(Interrupt):
-            fit(config, tmp_path / "cut", progress=False, callback=_interrupt_at(5))
+            fit(config, tmp_path / "cut", progress=False, callback=interrupt_at(5))
     assert len(made) == 1 and len(made[0].optim_objs) > 1  # the cut run had one optimizer per parameter
     optim_state = load_checkpoint(tmp_path / "cut" / CHECKPOINT_FILE)["optim"]
     assert all(set(entry) == {"scheduler", "optimizer"} for entry in optim_state.values())
@@ -125,7 +115,7 @@ def test_resume_differs_without_restored_rng(tmp_path, monkeypatch):
     config = tiny(epochs=2)
     fit(config, tmp_path / "full", progress=False)
     with pytest.raises(Interrupt):
-        fit(config, tmp_path / "cut", progress=False, callback=_interrupt_at(5))
+        fit(config, tmp_path / "cut", progress=False, callback=interrupt_at(5))
     monkeypatch.setattr("pyro_vdrop.train.loop.set_rng_state", lambda state: None)
     fit(None, tmp_path / "cut", resume=True, progress=False)
     a = load_checkpoint(tmp_path / "full" / CHECKPOINT_FILE)["param_store"]["params"]

@@ -31,6 +31,8 @@ from pyro_vdrop.train import (
 from pyro_vdrop.train.checkpoint import decode_checkpoint, encode_checkpoint, rng_state
 from pyro_vdrop.train.distributed import private_folder
 
+from .interrupt import Interrupt, interrupt_at
+
 TINY = ["--model", "mlp", "--width", "16", "--train-subset", "120", "--test-subset", "60", "--batch-size", "40"]
 TINY += ["--kl-warmup", "1", "--pretrain-epochs", "0", "--no-progress"]
 CONFIG = TrainConfig(
@@ -46,18 +48,6 @@ class Payload:
 
     def __reduce__(self):
         return os.system, (f"touch {self.marker}",)
-
-
-class Interrupt(Exception):
-    pass
-
-
-def _stop_at(step):
-    def callback(info):
-        if info["step"] == step:
-            raise Interrupt
-
-    return callback
 
 
 @pytest.fixture(scope="module")
@@ -293,7 +283,7 @@ def test_diverging_pretraining(tmp_path, capsys):
 def test_run_killed_in_its_first_epoch_says_to_overwrite(tmp_path, capsys):
     out = tmp_path / "run"
     with pytest.raises(Interrupt):
-        fit(CONFIG, out, progress=False, callback=_stop_at(1))
+        fit(CONFIG, out, progress=False, callback=interrupt_at(1))
     assert (out / CONFIG_FILE).exists() and not (out / CHECKPOINT_FILE).exists()
     for argv in (["fit", "--out", str(out), "--resume"], ["fit", *TINY, "--epochs", "2", "--out", str(out)]):
         assert main(argv) == 2
@@ -307,7 +297,7 @@ def test_disk_full_during_a_checkpoint_write(tmp_path):
 
     out = tmp_path / "run"
     with pytest.raises(Interrupt):
-        fit(CONFIG, out, progress=False, callback=_stop_at(4))  # epoch 1 of 2 checkpointed
+        fit(CONFIG, out, progress=False, callback=interrupt_at(4))  # epoch 1 of 2 checkpointed
     before = (out / CHECKPOINT_FILE).read_bytes()
     limit = 50_000  # the metrics fit, a checkpoint (~250 kB) does not
 
