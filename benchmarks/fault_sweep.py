@@ -77,6 +77,7 @@ class Sweep:
         ok = ok and (expect == 0 or any("error" in line for line in lines))
         ok = ok and (require is None or require in proc.stderr) and (forbid is None or forbid not in proc.stderr)
         message = next((line for line in lines if "error" in line or "note" in line), "")
+        message = message.replace(str(self.root), "<sweep>")  # the record names no path of this machine
         self.rows.append(
             {
                 "group": group,

@@ -144,7 +144,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-_RESULT_FILE = "result.pkl"
+_RESULT_FILE = "result.pt"
 
 
 _EXIT_RUN_ERROR = 2
@@ -170,7 +170,7 @@ def _launched(rank, fn, args, kwargs, nproc, port, threads, timeout, folder):
             atomic_write(Path(folder) / f"error-{rank}.txt", lambda f: f.write(message), binary=False)
             raise SystemExit(_EXIT_RUN_ERROR) from None
     if rank == 0:
-        atomic_write(Path(folder) / _RESULT_FILE, lambda f: pickle.dump(result, f), binary=True)
+        atomic_write(Path(folder) / _RESULT_FILE, lambda f: torch.save(result, f), binary=True)
 
 
 def _stop(processes, *, grace: float = 3.0) -> None:
@@ -192,7 +192,7 @@ def _stop(processes, *, grace: float = 3.0) -> None:
 @contextlib.contextmanager
 def private_folder() -> Iterator[str]:
     """A new temporary folder that only this user can enter or write (mode 0700, owned by us), removed at the end:
-    where :func:`launch`'s processes leave their result, which it unpickles."""
+    where :func:`launch`'s processes leave their errors and process 0 its result."""
     with tempfile.TemporaryDirectory(prefix="pyro-vdrop-launch-") as folder:
         info = os.lstat(folder)
         if info.st_mode & 0o077 or (hasattr(os, "getuid") and info.st_uid != os.getuid()):
@@ -211,8 +211,9 @@ def launch(
     r"""
     Runs ``fn(*args, **kwargs)`` in ``nproc`` new local processes (:func:`torch.multiprocessing.spawn`) joined in a
     :mod:`torch.distributed` process group (:func:`process_group`, on 127.0.0.1 at a free port), as
-    ``pyro-vdrop fit --nproc N`` does with :func:`fit`. ``fn``, its arguments and its result must be picklable
-    (e.g. a module-level function).
+    ``pyro-vdrop fit --nproc N`` does with :func:`fit`. ``fn`` (e.g. a module-level function) and its arguments must
+    be picklable, and its result plain data (tensors, numbers, strings, lists, tuples, dicts): it comes back through
+    ``torch.load(weights_only=True)``.
 
     If a process fails, the others are stopped: a :class:`RunError` is raised again here (that of the process of
     the lowest rank that raised one), any other exception as :class:`torch.multiprocessing.ProcessRaisedException`
@@ -246,10 +247,17 @@ def launch(
         except KeyboardInterrupt:
             _stop(context.processes)
             raise
-        # process 0 wrote it into a folder only this user can write (see private_folder): not a stranger's pickle
+        # plain data only, even from our own process in our own private folder: nothing here unpickles objects
         fd = os.open(Path(folder) / _RESULT_FILE, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
         with os.fdopen(fd, "rb") as f:
-            return pickle.load(f)
+            try:
+                return torch.load(f, weights_only=True)
+            except pickle.UnpicklingError as e:
+                raise TypeError(
+                    f"launch: the result of {getattr(fn, '__name__', fn)!r} in process 0 is not plain data (tensors, "
+                    "numbers, strings, lists, tuples, dicts), so it cannot come back to this process; return such a "
+                    "summary instead"
+                ) from e
 
 
 __all__ = [

@@ -187,3 +187,17 @@ def test_process_group_needs_the_launcher_variables(monkeypatch):
         with process_group():
             pass
     assert not dist.is_initialized()
+
+
+class _NotPlainData:
+    pass
+
+
+def _returns_an_object():
+    return _NotPlainData()
+
+
+def test_launch_returns_plain_data_only():
+    # the result comes back through torch.load(weights_only=True): an object is refused, not unpickled
+    with pytest.raises(TypeError, match="is not plain data"):
+        launch(_returns_an_object, nproc=2, threads=1)
