@@ -76,7 +76,7 @@ def main(args):
 
     record = {
         "benchmark": "fig1a",
-        "command": shlex.join([sys.executable, *sys.argv]),
+        "command": shlex.join(["python", *sys.argv]),
         "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "environment": environment(),
         "width": args.width,

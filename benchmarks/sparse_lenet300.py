@@ -72,7 +72,7 @@ def main(args):
 
     record = {
         "benchmark": "sparse_lenet300",
-        "command": shlex.join([sys.executable, *sys.argv]),
+        "command": shlex.join(["python", *sys.argv]),
         "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "environment": environment(),
         "config": config.to_dict(),
