@@ -115,12 +115,11 @@ def malicious(sweep: Sweep):
     run = sweep.copy()
     state = load_checkpoint(run / CHECKPOINT_FILE)
     torch.save({**state, "version": 1}, run / CHECKPOINT_FILE)
-    sweep.case("code in file", "format-1 checkpoint, evaluate", ["evaluate", "--run", str(run)], expect=2)
-    sweep.case("code in file", "format-1 checkpoint, convert without trust", ["convert", "--run", str(run)], expect=2)
+    sweep.case("code in file", "format-1 checkpoint, evaluate", ["evaluate", "--run", str(run)], expect=0)
     sweep.case(
         "code in file",
-        "format-1 checkpoint, convert --trust-checkpoint",
-        ["convert", "--run", str(run), "--trust-checkpoint"],
+        "format-1 checkpoint, convert",
+        ["convert", "--run", str(run)],
         expect=0,
         check=lambda: (run / f"{CHECKPOINT_FILE}.format1").exists(),
     )

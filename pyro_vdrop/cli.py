@@ -11,7 +11,7 @@ The ``pyro-vdrop`` command: train, evaluate and report on variational-dropout ne
     torchrun --nproc_per_node 2 -m pyro_vdrop.cli fit   # the same, started by torchrun
     pyro-vdrop evaluate --run runs/lenet300         # error, NLL, Brier, ECE (θ, pruned, MC); OOD check
     pyro-vdrop report --run runs/lenet300           # report.md: log α, curves, masks, reliability, entropy
-    pyro-vdrop convert --run runs/old --trust-checkpoint   # a checkpoint of an older pyro-vdrop, made safe
+    pyro-vdrop convert --run runs/old               # a checkpoint of an older pyro-vdrop in today's format
 
 Errors (bad options, missing data, a run directory that does not fit or is in use) are printed on stderr and the
 command exits with status 2 without touching existing files; a file that cannot be written (a full disk) exits
@@ -176,15 +176,13 @@ def _add_report_parser(commands) -> None:
 def _add_convert_parser(commands) -> None:
     conv = commands.add_parser(
         "convert",
-        help="rewrite a run's checkpoint of an older pyro-vdrop in the safe format (only runs you wrote yourself)",
+        help="rewrite a run's checkpoint of an older pyro-vdrop in the current format",
         description="Rewrite the checkpoint of a run written by an older pyro-vdrop (checkpoint format 1, which "
-        "pickles Python objects) in the current format, which holds plain data only and loads without running "
-        "code. Reading the old file can run code hidden in it: convert only runs you wrote yourself, and say so "
-        "with --trust-checkpoint. The old file is kept as checkpoint.pt.format1.",
+        "pickled constraint objects and numpy arrays) in the current format, which plain "
+        "torch.load(weights_only=True) reads. pyro-vdrop reads both formats safely; the old file is kept as "
+        "checkpoint.pt.format1.",
     )
     _add_run_argument(conv)
-    trust = "confirm that you wrote this run yourself (required: the old format can carry code)"
-    conv.add_argument("--trust-checkpoint", action="store_true", help=trust)
 
 
 _CONFIG_FIELDS = tuple(f.name for f in dataclasses.fields(TrainConfig))
@@ -328,8 +326,8 @@ def _say_in_progress(command: str, holder: str | None) -> None:
 def _convert(args) -> None:
     from pyro_vdrop import train
 
-    path = train.convert_checkpoint(args.run, trust_checkpoint=args.trust_checkpoint)
-    print(f"pyro-vdrop convert: {path} now holds plain data only (the previous file, if older, is kept beside it)")
+    path = train.convert_checkpoint(args.run)
+    print(f"pyro-vdrop convert: {path} is in checkpoint format {train.CHECKPOINT_VERSION} (an older one is kept)")
 
 
 def main(argv: list[str] | None = None) -> int:

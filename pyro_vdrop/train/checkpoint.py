@@ -48,50 +48,67 @@ def save_checkpoint(path: str | os.PathLike, state: dict) -> None:
     atomic_write(Path(path), lambda f: f.write(buffer.getbuffer()), binary=True)
 
 
-def load_checkpoint(path: str | os.PathLike, *, map_location=None, trust: bool = False) -> dict:
+def load_checkpoint(path: str | os.PathLike, *, map_location=None) -> dict:
     """
-    Loads a checkpoint written by :func:`save_checkpoint` with ``torch.load(weights_only=True)``, which reads
-    tensors, numbers, strings, lists and dicts and nothing else, so a file from a stranger cannot run code. The
-    result has the in-memory format of :func:`save_checkpoint` (constraint objects, numpy and python generator
-    states).
+    Loads a checkpoint with ``torch.load(weights_only=True)``, which reads tensors, numbers, strings, lists and dicts
+    and nothing else, so a file from a stranger cannot run code. The result has the in-memory format of
+    :func:`save_checkpoint` (constraint objects, numpy and python generator states).
 
-    :param bool trust: Also read checkpoints of format 1 (pyro-vdrop 0.1.0.dev0 before this change), which pickle
-        Python objects, with ``torch.load(weights_only=False)``. That **can run arbitrary code** hidden in the
-        file: pass it only for files you wrote yourself (``--trust-checkpoint`` on the command line).
-    :raises RunError: if the file is missing, unreadable, holds anything but plain data (without ``trust``), or is
-        not a pyro-vdrop checkpoint.
+    Checkpoints of format 1 (earlier versions of pyro-vdrop) pickled a few objects: Pyro's constraint objects and
+    numpy arrays. They load too, still with ``weights_only=True``, allowing exactly those classes
+    (:func:`torch.serialization.safe_globals`) and nothing else; :func:`convert_checkpoint` rewrites them in format 2.
+
+    :raises RunError: if the file is missing, unreadable, holds anything but plain data (and, for format 1, those
+        classes), or is not a complete pyro-vdrop checkpoint.
     """
     path = Path(path)
     if not path.is_file():
         raise RunError(f"{path}: no checkpoint here; is this the --out directory of a 'pyro-vdrop fit' run?")
     try:
-        with warnings.catch_warnings():  # torch warns about pickles it did not write; they fail below anyway
-            warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
-            state = torch.load(path, map_location=map_location, weights_only=True)
+        state = _load_plain_data(path, map_location)
     except pickle.UnpicklingError as e:
-        if not trust:
-            raise RunError(
-                f"{path}: refused to load: the file holds Python objects other than tensors, numbers, strings, lists "
-                f"and dicts{_unsafe_global(e)}, and loading those can run code hidden in the file. A checkpoint "
-                f"written by pyro-vdrop before checkpoint format {CHECKPOINT_VERSION} holds such objects: if you "
-                "wrote this file yourself, convert it once with 'pyro-vdrop convert --run DIR --trust-checkpoint'. "
-                "Never trust a run folder from someone else"
-            ) from None
-        state = _load_trusted(path, map_location)
+        raise RunError(
+            f"{path}: refused to load: the file holds Python objects other than tensors, numbers, strings, lists "
+            f"and dicts{_unsafe_global(e)}, and loading those could run code hidden in the file. pyro-vdrop never "
+            "writes such a checkpoint: do not use this run folder"
+        ) from None
     except Exception as e:  # torch.load raises many types for a corrupt file
         raise RunError(f"{path}: cannot read the checkpoint ({type(e).__name__}: {_first_line(e)})") from e
     if not isinstance(state, dict) or state.get("version") not in (1, CHECKPOINT_VERSION):
         raise RunError(f"{path}: not a pyro-vdrop checkpoint (format {CHECKPOINT_VERSION})")
-    if state["version"] == 1 and not trust:
-        raise RunError(
-            f"{path}: a checkpoint of format 1; convert it with 'pyro-vdrop convert --run DIR --trust-checkpoint' "
-            "if you wrote it yourself"
-        )
     _check_checkpoint_keys(state, path)
     try:
         return decode_checkpoint(state)
     except (KeyError, TypeError, ValueError) as e:
         raise RunError(f"{path}: not a valid pyro-vdrop checkpoint ({e})") from e
+
+
+def _load_plain_data(path: Path, map_location):
+    with warnings.catch_warnings():  # torch warns about pickles it did not write; they fail anyway
+        warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
+        try:
+            return torch.load(path, map_location=map_location, weights_only=True)
+        except pickle.UnpicklingError:
+            if not hasattr(torch.serialization, "safe_globals"):  # torch < 2.5
+                raise
+        with torch.serialization.safe_globals(_format1_classes()):
+            state = torch.load(path, map_location=map_location, weights_only=True)
+    if not isinstance(state, dict) or state.get("version") != 1:  # those classes are for format 1 only
+        raise pickle.UnpicklingError("a file that is not a format-1 checkpoint holds numpy arrays or constraints")
+    return state
+
+
+def _format1_classes() -> list:
+    """Exactly the classes a format-1 checkpoint pickled: the constraints of ``pyro-vdrop fit``'s parameters
+    (``real``; ``positive`` for a likelihood scale) and the numpy array of numpy's generator state."""
+    from torch.distributions import constraints
+
+    reconstruct = np._core.multiarray._reconstruct if hasattr(np, "_core") else np.core.multiarray._reconstruct
+    classes = [type(constraints.real), type(constraints.positive), np.ndarray, np.dtype]
+    classes += [(reconstruct, f"numpy.{core}.multiarray._reconstruct") for core in ("_core", "core")]
+    if hasattr(np, "dtypes"):
+        classes.append(np.dtypes.UInt32DType)
+    return classes
 
 
 def _first_line(error: BaseException) -> str:
@@ -103,14 +120,6 @@ def _unsafe_global(error: BaseException) -> str:
     """The global that ``torch.load(weights_only=True)`` refused, as ``" (it names os.system)"``, if it says."""
     found = re.search(r"GLOBAL ([\w.]+)", str(error))
     return f" (it names {found.group(1)})" if found else ""
-
-
-def _load_trusted(path: Path, map_location) -> dict:
-    """``torch.load(weights_only=False)``: only behind the user's explicit ``trust``."""
-    try:
-        return torch.load(path, map_location=map_location, weights_only=False)
-    except Exception as e:
-        raise RunError(f"{path}: cannot read the checkpoint ({type(e).__name__}: {_first_line(e)})") from e
 
 
 #: The keys of a training checkpoint and their types (``world_size`` may be absent: one process).
@@ -158,7 +167,7 @@ def _encode_constraint(constraint, name: str) -> str:
 def _decode_constraint(name):
     from pyro.distributions import constraints
 
-    if not isinstance(name, str):  # format 1 (trusted): the object itself
+    if not isinstance(name, str):  # format 1: the (allow-listed) object itself
         return name
     value = getattr(constraints, name, None) if not name.startswith("_") else None
     if not isinstance(value, constraints.Constraint):
@@ -210,7 +219,7 @@ def encode_checkpoint(state: dict) -> dict:
 
 
 def decode_checkpoint(state: dict) -> dict:
-    """The inverse of :func:`encode_checkpoint`; format 1 (trusted) passes through."""
+    """The inverse of :func:`encode_checkpoint`; format 1 passes through."""
     store = state["param_store"]
     rng = state["rng"]
     return {
@@ -223,39 +232,31 @@ def decode_checkpoint(state: dict) -> dict:
     }
 
 
-def convert_checkpoint(run_dir: str | os.PathLike, *, trust_checkpoint: bool = False) -> Path:
+def convert_checkpoint(run_dir: str | os.PathLike) -> Path:
     """
-    Rewrites the checkpoint of ``run_dir`` in the current, plain-data format (see :func:`save_checkpoint`), so that
-    it loads without ``weights_only=False``. The old file is kept beside it as ``checkpoint.pt.format<N>``.
-
-    Reading a format-1 checkpoint unpickles it, which **can run arbitrary code hidden in the file**: do this only
-    for run directories you wrote yourself, and say so with ``trust_checkpoint=True``
-    (``pyro-vdrop convert --run DIR --trust-checkpoint``).
+    Rewrites the checkpoint of ``run_dir`` in the current format 2 (see :func:`save_checkpoint`), which plain
+    ``torch.load(weights_only=True)`` reads without any allowed classes. A format-1 checkpoint (earlier versions)
+    is kept beside it as ``checkpoint.pt.format1``. pyro-vdrop itself reads both formats
+    (:func:`load_checkpoint`), and ``fit --resume`` writes format 2 from its next epoch on.
 
     :returns: The path of the rewritten checkpoint.
-    :raises RunError: without ``trust_checkpoint``, if another process writes the run, or if the file is not a
-        pyro-vdrop checkpoint.
+    :raises RunError: if another process writes the run, or the file is not a pyro-vdrop checkpoint.
     """
     run_dir = Path(run_dir)
-    if not trust_checkpoint:
-        raise RunError(
-            "converting reads the old checkpoint with pickle, which can run code hidden in the file: pass "
-            "--trust-checkpoint (trust_checkpoint=True) if, and only if, you wrote this run yourself"
-        )
     if not run_dir.is_dir():
         raise RunError(f"--run {run_dir}: no such directory")
     path = run_dir / CHECKPOINT_FILE
     with lock_run(run_dir, command="pyro-vdrop convert"):
-        state = load_checkpoint(path, map_location="cpu", trust=True)
+        state = load_checkpoint(path, map_location="cpu")
         checkpoint_config(state, path)
         check_config_file(run_dir, state["config"], path)
-        backup = path.with_name(f"{CHECKPOINT_FILE}.format{state['version']}")
         if state["version"] != CHECKPOINT_VERSION:
+            backup = path.with_name(f"{CHECKPOINT_FILE}.format{state['version']}")
             if backup.exists() or backup.is_symlink():
                 raise RunError(f"{backup} exists: move it away first, it may be the only copy of an older checkpoint")
             data = path.read_bytes()  # keep the user's file
             atomic_write(backup, lambda f: f.write(data), binary=True)
-        save_checkpoint(path, state)
+            save_checkpoint(path, state)
     return path
 
 

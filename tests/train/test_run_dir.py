@@ -123,24 +123,6 @@ def test_rng_state_round_trips_exactly():
         assert np.array_equal(a, b)
 
 
-def test_format_1_checkpoint_needs_an_explicit_conversion(copy, capsys):
-    path = copy / CHECKPOINT_FILE
-    state = load_checkpoint(path)
-    torch.save({**state, "version": 1}, path)  # as pyro-vdrop wrote it before: pickled constraint objects
-    old_bytes = path.read_bytes()
-    assert main(["evaluate", "--run", str(copy)]) == 2
-    assert "pyro-vdrop convert --run DIR --trust-checkpoint" in capsys.readouterr().err
-    assert main(["convert", "--run", str(copy)]) == 2
-    assert "--trust-checkpoint" in capsys.readouterr().err
-    assert path.read_bytes() == old_bytes
-    assert main(["convert", "--run", str(copy), "--trust-checkpoint"]) == 0
-    assert (copy / f"{CHECKPOINT_FILE}.format1").read_bytes() == old_bytes
-    converted = load_checkpoint(path)
-    for name, value in state["param_store"]["params"].items():
-        assert torch.equal(converted["param_store"]["params"][name], value)
-    assert main(["evaluate", "--run", str(copy)]) == 0
-
-
 # 2. one writer per run ----------------------------------------------------------------------------------------------
 
 
