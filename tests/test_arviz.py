@@ -469,6 +469,30 @@ def test_prediction_without_observations_under_local_reparam():
     assert np.abs((y_rep.mean(0) - (x @ theta).numpy()) / (sd / math.sqrt(300))).max() < 5
 
 
+def test_predictive_variance_under_local_reparam_is_exact():
+    # The closed form, pooled over many observations: under LRT every observation of every draw gets its own
+    # noise, so the standardized residuals z = (y_rep - x θ) / sd with sd² = 0.5² + Σ_k x_k² α_k θ_k² are
+    # independent N(0, 1) and mean(z²) has standard error sqrt(2 / (S N)) ≈ 0.002. The weight term is ~80% of
+    # the variance here, so a doubled LRT variance (mean(z²) ≈ 1.8) or one off by 5% is far outside 5 SE.
+    num_data, num_samples = 2000, 200
+    x, y = regression_data(num_data)
+    guide = AutoVariationalDropout(regression_model)
+    guide(x, y)
+    with torch.no_grad():
+        guide.log_alphas.w.copy_(torch.tensor([-3.0, -1.0, 0.0, -0.5, -2.0]))
+    with local_reparam(estimator="lrt"):
+        idata = to_inference_data(regression_model, guide, x, num_samples=num_samples)
+    theta = guide.median()["w"]
+    variance = guide.log_alpha()["w"].exp() * theta**2
+    weight_term = (x**2 * variance).sum(-1)
+    assert (weight_term / (0.25 + weight_term)).mean() > 0.5, "the weight term should dominate the variance"
+    sd = torch.sqrt(0.25 + weight_term).numpy()
+    z = (idata.posterior_predictive["y"].values.reshape(num_samples, num_data) - (x @ theta).numpy()) / sd
+    standard_error = math.sqrt(2 / z.size)
+    assert abs(np.mean(z**2) - 1) < 5 * standard_error, np.mean(z**2)
+    assert abs(np.mean(z)) < 5 / math.sqrt(z.size)
+
+
 def test_local_latent_dims_follow_plates():
     def model(y):
         loc = pyro.sample("loc", dist.Normal(0.0, 10.0))

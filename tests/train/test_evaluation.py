@@ -2,16 +2,22 @@
 """``evaluate``'s calibration and out-of-distribution figures, and the report's figures of them, which must survive
 a hostile ``evaluation.json``."""
 
+import copy
 import json
 import math
 import shutil
 
+import pyro
 import pytest
 import torch
+from torch import nn
+from torch.func import functional_call, vmap
 
 from pyro_vdrop import metrics
 from pyro_vdrop.cli import main
-from pyro_vdrop.train import TrainConfig, evaluate, fit, open_run, predict_logits, write_report
+from pyro_vdrop.infer import AutoVariationalDropout
+from pyro_vdrop.nn import bayesianize
+from pyro_vdrop.train import TrainConfig, evaluate, fit, open_run, predict_logits, predictive_probs, write_report
 from pyro_vdrop.train.evaluation import OOD_SHIFTS, PIXEL_NOISE_STD, ood_figures, posterior, shifted_inputs
 from pyro_vdrop.train.report import entropy_data, ood_rows, reliability_data
 
@@ -70,6 +76,40 @@ def test_ood_figures(evaluated_run):
     for key in ("entropy_histogram", "mutual_information_histogram"):
         counts = ood[key]["counts"]
         assert all(sum(c) == result["num_test"] for c in counts.values())
+
+
+def test_predictive_probs_match_explicit_weight_draws():
+    # The reference: draw every weight from the guide's posterior N(θ, αθ²) (its median and log α), run the plain
+    # torch network with it and average the softmaxes. Under LRT each example's output has the same law as with
+    # an explicit weight draw, so the two Monte Carlo means agree within their standard error, entry by entry.
+    # θ and α are set so that the noise moves the predictive far (~11 SE) from the θ-network's softmax, so
+    # dropping the noise or averaging logits instead of probabilities fails.
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
+    reference = copy.deepcopy(net)
+    x, y = torch.randn(16, 4), torch.randint(3, (16,))
+    model = bayesianize(net, num_data=len(x))
+    guide = AutoVariationalDropout(model)
+    guide(x, y)
+    store = pyro.get_param_store()
+    with torch.no_grad():
+        for name in ["0.weight", "2.weight"]:
+            store[f"AutoVariationalDropout.locs.{name}"].mul_(4)
+            store[f"AutoVariationalDropout.log_alphas.{name}"].uniform_(-1.0, 1.0)
+    num_samples, num_reference = 150, 20000
+    probs = predictive_probs(model, guide, x, y, num_samples=num_samples, estimator="lrt")
+
+    theta, log_alpha = guide.median(), guide.log_alpha()
+    with torch.no_grad():
+        weights = {
+            k: theta[k] + (0.5 * log_alpha[k]).exp() * theta[k].abs() * torch.randn((num_reference,) + theta[k].shape)
+            for k in theta
+        }
+        draws = vmap(lambda w: functional_call(reference, w, (x,)).softmax(-1))(weights)
+        theta_probs = functional_call(reference, theta, (x,)).softmax(-1)
+    standard_error = (draws.var(0) * (1 / num_samples + 1 / num_reference)).sqrt()
+    assert ((theta_probs - draws.mean(0)) / standard_error).abs().max() > 8, "the noise should matter here"
+    assert ((probs - draws.mean(0)) / standard_error).abs().max() < 5
 
 
 def test_shifted_inputs():
