@@ -259,8 +259,8 @@ def test_evaluate_mc_predictive(trained_run):
     assert set(result) >= {"test_error", "test_error_pruned", "test_error_mc", "test_nll_mc", "compression"}
     with open(trained_run / "evaluation.json") as f:
         assert json.load(f)["test_error_mc"] == result["test_error_mc"]
-    # the MC average of softmaxes is a distribution; its mean over many draws approaches the θ-network's
-    # predictions less closely than a single draw differs from them
+    # the MC average of softmaxes is a distribution (its values against explicit weight draws:
+    # tests/train/test_evaluation.py::test_predictive_probs_match_explicit_weight_draws)
     session, _ = open_run(trained_run)
     x, y = session.x_test[:20], session.y_test[:20]
     probs = predictive_probs(session.model, session.guide, x, y, num_samples=4, estimator="lrt")
