@@ -134,9 +134,9 @@ def _claim(out: Path, stack: contextlib.ExitStack, command: str | None) -> None:
                 for folder in created:
                     folder.rmdir()  # fails, and stops, at a folder that is not empty
 
-    if created:
-        stack.callback(remove_if_unused)  # runs after the lock is released (the stack unwinds in reverse)
     stack.enter_context(lock_run(out, command=command))
+    if created:  # only the lock's holder may remove the folder: a process that lost the lock must not
+        stack.callback(remove_if_unused)  # runs first when the stack unwinds, while the lock is still held
     remove_stale_temp_files(out)
 
 

@@ -155,17 +155,17 @@ def test_concurrent_fits_with_one_out(tmp_path, capsys):
         first = subprocess.Popen([sys.executable, "-m", "pyro_vdrop.cli", *argv], stderr=stderr, env=os.environ)
     try:
 
-        def wait_for(path):
+        def wait_for(done):
             deadline = time.monotonic() + 120
-            while not path.exists():
+            while not done():
                 assert first.poll() is None, (tmp_path / "stderr.txt").read_text()
                 assert time.monotonic() < deadline
                 time.sleep(0.02)
 
-        wait_for(out / LOCK_FILE)  # the first has claimed the folder, and not yet written anything in it
+        wait_for(lambda: run_in_progress(out) is not None)  # the first holds the lock, has written nothing yet
         assert main(argv) == 2  # a second writer, started while the first loads its data
         assert f"being written by another pyro-vdrop process (pid {first.pid}" in capsys.readouterr().err
-        wait_for(out / CHECKPOINT_FILE)
+        wait_for((out / CHECKPOINT_FILE).exists)
         config_before = (out / CONFIG_FILE).read_bytes()
         for again in (argv, [*argv, "--overwrite"], ["fit", "--out", str(out), "--resume", "--no-progress"]):
             assert main(again) == 2
@@ -320,3 +320,26 @@ def test_launcher_folder_is_private():
         info = os.lstat(folder)
         assert info.st_mode & 0o777 == 0o700 and info.st_uid == os.getuid()
     assert not os.path.exists(folder)
+
+
+def test_a_writer_that_loses_the_lock_race_leaves_the_folder_alone(tmp_path, monkeypatch):
+    # Two processes start on the same new --out: both see it missing and create it, one takes the lock. The loser
+    # must not remove the folder it "created" (a failed run removes a folder it created and left empty): the
+    # winner is using it. Simulated: another holder takes the lock just before this fit tries to.
+    import contextlib
+    import importlib
+
+    loop = importlib.import_module("pyro_vdrop.train.loop")
+    out = tmp_path / "new"
+    winner = contextlib.ExitStack()
+    real_lock_run = loop.lock_run
+
+    def racing_lock_run(run_dir, **kwargs):
+        winner.enter_context(real_lock_run(run_dir, command="the winner"))
+        return real_lock_run(run_dir, **kwargs)
+
+    monkeypatch.setattr(loop, "lock_run", racing_lock_run)
+    with winner:
+        with pytest.raises(RunError, match="being written by another pyro-vdrop process"):
+            fit(CONFIG, out, progress=False)
+        assert out.is_dir() and (out / LOCK_FILE).exists()  # still there for the winner
