@@ -145,8 +145,6 @@ def _free_port() -> int:
 
 
 _RESULT_FILE = "result.pt"
-
-
 _EXIT_RUN_ERROR = 2
 
 

@@ -1,6 +1,7 @@
 # SPDX-License-Identifier: Apache-2.0
 """
-The files of a run directory: atomic writes, checkpoints (plain data only), metrics, the run lock.
+The files of a run directory: their names, atomic writes, metrics, the run lock, and the check of a checkpoint
+against ``config.json`` (the checkpoints themselves: :mod:`pyro_vdrop.train.checkpoint`).
 """
 
 import contextlib
@@ -19,35 +20,24 @@ from pyro_vdrop.train.config import RUNTIME_FIELDS
 from pyro_vdrop.train.errors import RunError
 
 CONFIG_FILE = "config.json"
-
-
 CHECKPOINT_FILE = "checkpoint.pt"
-
-
 METRICS_CSV = "metrics.csv"
-
-
 METRICS_JSONL = "metrics.jsonl"
-
-
 SUMMARY_FILE = "summary.json"
-
-
 EVALUATION_FILE = "evaluation.json"
-
-
 REPORT_FILE = "report.md"
-
-
 REPORT_FIGURES = ("log_alpha_hist.png", "curves.png", "first_layer_masks.png", "reliability.png", "entropy.png")
-
-
 #: Every file a run directory may hold; ``--overwrite`` removes these and nothing else.
-RUN_FILES = (CONFIG_FILE, CHECKPOINT_FILE, METRICS_CSV, METRICS_JSONL, SUMMARY_FILE, EVALUATION_FILE, REPORT_FILE)
-
-
-RUN_FILES = (*RUN_FILES, *REPORT_FIGURES)
-
+RUN_FILES = (
+    CONFIG_FILE,
+    CHECKPOINT_FILE,
+    METRICS_CSV,
+    METRICS_JSONL,
+    SUMMARY_FILE,
+    EVALUATION_FILE,
+    REPORT_FILE,
+    *REPORT_FIGURES,
+)
 
 #: Columns of ``metrics.csv`` / keys of ``metrics.jsonl``, in order.
 METRIC_KEYS = (
@@ -87,7 +77,7 @@ def atomic_write(path: Path, write: Callable[[Any], None], *, binary: bool) -> N
     except BaseException as e:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
-        if isinstance(e, OSError) and not str(e).startswith("cannot write"):
+        if isinstance(e, OSError):  # a full disk, say: name the file
             raise OSError(e.errno, f"cannot write {path}: {e.strerror or e}") from e
         raise
 
