@@ -20,7 +20,6 @@ with status 1, the last checkpoint intact. The work is done by :mod:`pyro_vdrop.
 
 import argparse
 import dataclasses
-import math
 import os
 import shlex
 import sys
@@ -55,16 +54,6 @@ def _parse(kind: str):
 
     parse.__name__ = kind  # argparse names the type in some messages
     return parse
-
-
-def _finite_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
-    return value
 
 
 def _add_config_options(fit: argparse.ArgumentParser) -> None:
@@ -107,7 +96,7 @@ def _add_run_argument(parser: argparse.ArgumentParser) -> None:
 
 def _add_threshold_argument(parser: argparse.ArgumentParser) -> None:
     help = f"pruning threshold on log α (default: {PRUNE_THRESHOLD})"
-    parser.add_argument("--threshold", type=_finite_float, default=PRUNE_THRESHOLD, help=help)
+    parser.add_argument("--threshold", type=_parse("finite_number"), default=PRUNE_THRESHOLD, help=help)
 
 
 def _add_fit_parser(commands) -> None:

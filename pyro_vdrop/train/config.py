@@ -28,15 +28,6 @@ SPARSE_LOG_ALPHA_CLIP = SPARSE_VD_LOG_ALPHA_CLIP
 #: Options that may differ when a run is resumed or evaluated (where the data is, where to compute).
 RUNTIME_FIELDS = ("data_dir", "device")
 
-#: The kinds of value an option takes: a test and the words for it (shared by :class:`TrainConfig` and the command).
-VALUE_KINDS = {
-    "positive_int": (lambda v: _is_int(v) and v >= 1, "a positive integer"),
-    "non_negative_int": (lambda v: _is_int(v) and v >= 0, "a non-negative integer"),
-    "positive_number": (lambda v: _is_number(v) and v > 0, "a number in (0, ∞)"),
-    "non_negative_number": (lambda v: _is_number(v) and v >= 0, "a number in [0, ∞)"),
-    "probability": (lambda v: _is_number(v) and 0 < v < 1, "a number in (0, 1)"),
-}
-
 
 def _is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
@@ -44,6 +35,17 @@ def _is_int(value) -> bool:
 
 def _is_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+#: The kinds of value an option takes: a test and the words for it (shared by :class:`TrainConfig` and the command).
+VALUE_KINDS = {
+    "positive_int": (lambda v: _is_int(v) and v >= 1, "a positive integer"),
+    "non_negative_int": (lambda v: _is_int(v) and v >= 0, "a non-negative integer"),
+    "positive_number": (lambda v: _is_number(v) and v > 0, "a number in (0, ∞)"),
+    "non_negative_number": (lambda v: _is_number(v) and v >= 0, "a number in [0, ∞)"),
+    "probability": (lambda v: _is_number(v) and 0 < v < 1, "a number in (0, 1)"),
+    "finite_number": (_is_number, "a finite number"),
+}
 
 
 def option(default, help: str, *, choices=None, kind=None, metavar=None, group: str):

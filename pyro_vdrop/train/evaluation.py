@@ -27,7 +27,7 @@ from pyro_vdrop.infer.predictive import trace_guide_then_model
 from pyro_vdrop.infer.sparsity import prune_params
 from pyro_vdrop.train.checkpoint import checkpoint_config, load_checkpoint
 from pyro_vdrop.train.components import batches, derived_seed, estimator_handler, select_device
-from pyro_vdrop.train.config import PRUNE_THRESHOLD, replace_config
+from pyro_vdrop.train.config import PRUNE_THRESHOLD, VALUE_KINDS, replace_config
 from pyro_vdrop.train.errors import RunError
 from pyro_vdrop.train.run_dir import CHECKPOINT_FILE, EVALUATION_FILE, check_config_file, run_in_progress, write_json
 from pyro_vdrop.train.session import EVAL_BATCH, Session
@@ -91,7 +91,10 @@ def predictive_probs(
 
 
 def check_threshold(threshold) -> None:
-    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not math.isfinite(threshold):
+    """The check of ``--threshold`` on the command line (a ``"finite_number"`` of :data:`VALUE_KINDS`), for callers
+    of the Python API."""
+    is_finite_number, _ = VALUE_KINDS["finite_number"]
+    if not is_finite_number(threshold):
         raise RunError(f"--threshold must be a finite number (a log α); got {threshold!r}")
 
 
