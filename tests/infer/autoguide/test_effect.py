@@ -6,8 +6,6 @@ import pyro.distributions as dist
 import pytest
 import torch
 from pyro.infer import SVI, Trace_ELBO, TraceMeanField_ELBO
-from pyro.nn import PyroModule, PyroSample
-from torch import nn
 
 from pyro_vdrop.distributions import (
     CorrelatedVariationalDropoutNormal,
@@ -16,6 +14,8 @@ from pyro_vdrop.distributions import (
 )
 from pyro_vdrop.infer import AutoVariationalDropout, AutoVariationalDropoutMessenger
 
+from .models import BNN
+
 VARIANTS = {
     "B": {},
     "A": {"noise": "correlated"},
@@ -23,19 +23,6 @@ VARIANTS = {
     "sparse": {"parameterization": "additive"},
     "gaussian-dropout": {"noise": "correlated", "dropout_rate": 0.3},
 }
-
-
-class BNN(PyroModule):
-    def __init__(self, d_in=4, d_out=3):
-        super().__init__()
-        self.fc = PyroModule[nn.Linear](d_in, d_out)
-        self.fc.weight = PyroSample(ImproperLogUniform().expand([d_out, d_in]).to_event(2))
-        self.fc.bias = PyroSample(ImproperLogUniform().expand([d_out]).to_event(1))
-
-    def forward(self, x, y=None):
-        mean = self.fc(x)
-        with pyro.plate("data", x.shape[0]):
-            return pyro.sample("obs", dist.Normal(mean, 0.5).to_event(1), obs=y)
 
 
 def data(n=40, dtype=torch.float32, device="cpu"):

@@ -11,7 +11,6 @@ from pyro import poutine
 from pyro.infer import SVI, Trace_ELBO, TraceMeanField_ELBO
 from pyro.infer.autoguide import AutoGuideList, AutoNormal, init_to_value
 from pyro.infer.autoguide.initialization import InitMessenger
-from pyro.nn import PyroModule, PyroSample
 from torch import nn
 
 from pyro_vdrop.distributions import (
@@ -20,6 +19,8 @@ from pyro_vdrop.distributions import (
     VariationalDropoutNormal,
 )
 from pyro_vdrop.infer import AutoVariationalDropout, init_to_fan_in
+
+from .models import BNN
 
 # Molchanov, Ashukha, Vetrov (2017), eq. (14), written out independently of the package.
 K1, K2, K3 = 0.63576, 1.87320, 1.48695
@@ -383,19 +384,6 @@ def test_quantiles_are_those_of_the_marginals():
     assert q.shape == (3, 3, 4)
     for i, p in enumerate([0.1, 0.5, 0.9]):
         assert torch.allclose(q[i], marginal.icdf(torch.tensor(p)), atol=1e-6)
-
-
-class BNN(PyroModule):
-    def __init__(self, d_in=4, d_out=3):
-        super().__init__()
-        self.fc = PyroModule[nn.Linear](d_in, d_out)
-        self.fc.weight = PyroSample(ImproperLogUniform().expand([d_out, d_in]).to_event(2))
-        self.fc.bias = PyroSample(ImproperLogUniform().expand([d_out]).to_event(1))
-
-    def forward(self, x, y=None):
-        mean = self.fc(x)
-        with pyro.plate("data", x.shape[0]):
-            return pyro.sample("obs", dist.Normal(mean, 0.5).to_event(1), obs=y)
 
 
 @pytest.mark.parametrize("noise", ["independent", "correlated"])
