@@ -22,12 +22,19 @@ Trick." NeurIPS 2015.
 # - torch.distributions.utils._standard_normal in distributions/correlated_variational_dropout_normal.py.
 # - PyroModule._pyro_name: a module's site-name prefix outside a call (serialization.py; Pyro's
 #   _pyro_get_fullname works only inside one).
-from pyro_vdrop import datasets, distributions, infer, nn, optim, poutine
-from pyro_vdrop.arviz import to_inference_data
-from pyro_vdrop.poutine import local_reparam
-from pyro_vdrop.serialization import load, save
+import importlib
 
 __version__ = "0.1.0.dev0"
+
+# The sub-packages and functions below are imported when first used (PEP 562), so that `import pyro_vdrop` does
+# not import torch: the `pyro-vdrop` program (pyro_vdrop.program) sets process-wide defaults first.
+_SUBMODULES = ("datasets", "distributions", "infer", "nn", "optim", "poutine")
+_FUNCTIONS = {
+    "load": "pyro_vdrop.serialization",
+    "local_reparam": "pyro_vdrop.poutine",
+    "save": "pyro_vdrop.serialization",
+    "to_inference_data": "pyro_vdrop.arviz",
+}
 
 __all__ = [
     "__version__",
@@ -42,3 +49,15 @@ __all__ = [
     "save",
     "to_inference_data",
 ]
+
+
+def __getattr__(name):
+    if name in _SUBMODULES:
+        return importlib.import_module(f"pyro_vdrop.{name}")
+    if name in _FUNCTIONS:
+        return getattr(importlib.import_module(_FUNCTIONS[name]), name)
+    raise AttributeError(f"module 'pyro_vdrop' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(__all__))

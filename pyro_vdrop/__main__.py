@@ -3,6 +3,6 @@
 
 import sys
 
-from pyro_vdrop.cli import main
+from pyro_vdrop.program import main
 
 sys.exit(main())

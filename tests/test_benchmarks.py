@@ -152,3 +152,15 @@ def test_uncertainty_quick(tmp_path):
     for figures in record["runs"].values():
         assert math.isfinite(figures["test_ece_mc"])
         assert 0 <= figures["ood"]["shifts"]["rotated-90"]["auroc_entropy"] <= 1
+
+
+def test_prediction_kl_quick(tmp_path):
+    from benchmarks import prediction_kl
+
+    out = tmp_path / "prediction_kl.json"
+    assert prediction_kl.main(["--models", "linear64", "--batch-size", "8", "--repeats", "2", "--out", str(out)]) == 0
+    record = json.loads(out.read_text())
+    assert record["command"].startswith("python -m benchmarks.prediction_kl")
+    (row,) = record["results"]
+    assert set(row["ms_per_draw"]) == {"without KL (now)", "with KL (before)"}
+    assert all(math.isfinite(v) and v > 0 for v in row["ms_per_draw"].values())

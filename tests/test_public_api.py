@@ -124,6 +124,7 @@ PUBLIC_API = {
     "pyro_vdrop.poutine": [
         "LazyWeight",
         "LazyWeightError",
+        "LocalReparamKL",
         "LocalReparamMessenger",
         "LocalReparamSite",
         "local_reparam",
@@ -131,7 +132,7 @@ PUBLIC_API = {
     "pyro_vdrop.poutine.handlers": ["local_reparam"],
     "pyro_vdrop.poutine.lazy_weight": ["ESTIMATORS", "LazyWeight", "LazyWeightError", "lazy_conv", "lazy_linear"],
     "pyro_vdrop.poutine.local_reparam_messenger": ["ESTIMATORS", "LocalReparamMessenger"],
-    "pyro_vdrop.poutine.local_reparam_site": ["LocalReparamSite"],
+    "pyro_vdrop.poutine.local_reparam_site": ["LocalReparamKL", "LocalReparamSite"],
     "pyro_vdrop.train": [
         "DEVICES",
         "DISTRIBUTED_TIMEOUT",

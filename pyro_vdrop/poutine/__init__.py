@@ -5,13 +5,14 @@ from .estimators import ALL_ESTIMATORS, ESTIMATORS
 from .handlers import active_local_reparam, estimator_handler, local_reparam
 from .lazy_weight import LazyWeight, LazyWeightError, UnsupportedOperation
 from .local_reparam_messenger import LocalReparamMessenger
-from .local_reparam_site import LocalReparamSite
+from .local_reparam_site import LocalReparamKL, LocalReparamSite
 
 __all__ = [
     "ALL_ESTIMATORS",
     "ESTIMATORS",
     "LazyWeight",
     "LazyWeightError",
+    "LocalReparamKL",
     "LocalReparamMessenger",
     "LocalReparamSite",
     "UnsupportedOperation",

@@ -2,19 +2,17 @@
 
 from collections.abc import Callable, Collection
 
-import torch
 from pyro.distributions import Delta
-from pyro.distributions.util import scale_and_mask
 from pyro.poutine.messenger import Messenger
 from pyro.poutine.trace_messenger import TraceMessenger
-from torch.distributions import Independent, kl_divergence
+from torch.distributions import Independent
 
 from pyro_vdrop.distributions import CorrelatedVariationalDropoutNormal, VariationalDropoutNormal
 from pyro_vdrop.distributions.util import base_distribution
 
 from .estimators import ESTIMATORS, LRT
 from .lazy_weight import LazyWeight
-from .local_reparam_site import LocalReparamSite
+from .local_reparam_site import LocalReparamKL, LocalReparamSite
 from .runtime import handlers_outside
 
 _AUX_SUFFIX = "_unconstrained"
@@ -48,12 +46,13 @@ class LocalReparamMessenger(Messenger):
     **ELBO accounting.** The guide runs first: its site gets the lazy value and a zero log-density.
     The model is replayed against it, and its site gets the analytic term
     :math:`\log p - \log q \to -\mathrm{KL}(q\,\|\,p)` (via :func:`torch.distributions.kl_divergence`,
-    scaled and masked like the guide site), so no weight-sized sample or per-weight log-density is
-    computed. Hence :class:`~pyro.infer.TraceMeanField_ELBO` (recommended: it uses the same
-    analytic KL) and :class:`~pyro.infer.Trace_ELBO` both compute
-    :math:`\mathbb{E}[\log p(y \mid x, w)] - \mathrm{KL}(q \| p)`. A site without a registered KL
-    raises an error. The handler must be outside any :func:`~pyro.poutine.trace` whose trace is used
-    in an ELBO, e.g. around the ``svi.step`` call.
+    scaled and masked like the guide site, recorded as a :class:`~pyro_vdrop.poutine.LocalReparamKL` and
+    computed only when the ELBO asks for the site's log-density: prediction does not pay for it), so no
+    weight-sized sample or per-weight log-density is computed. Hence
+    :class:`~pyro.infer.TraceMeanField_ELBO` (recommended: it uses the same analytic KL) and
+    :class:`~pyro.infer.Trace_ELBO` both compute :math:`\mathbb{E}[\log p(y \mid x, w)] - \mathrm{KL}(q \| p)`.
+    A site without a registered KL raises an error when the ELBO asks for its term. The handler must be outside
+    any :func:`~pyro.poutine.trace` whose trace is used in an ELBO, e.g. around the ``svi.step`` call.
 
     Example::
 
@@ -189,17 +188,8 @@ class LocalReparamMessenger(Messenger):
 
     @staticmethod
     def _record_kl(msg, lazy):
-        q, p = lazy.distribution, msg["fn"]
-        try:
-            kl = kl_divergence(q, p)
-        except NotImplementedError as e:
-            raise NotImplementedError(
-                f"local_reparam at site {msg['name']!r}: there is no weight sample, so the ELBO needs the analytic "
-                f"KL(q || p), and none is registered for q = {type(q).__name__}, p = {type(p).__name__}. Register "
-                "one with torch.distributions.kl.register_kl, or exclude the site with local_reparam(sites=...)."
-            ) from e
-        log_p = -kl
-        msg["unscaled_log_prob"] = log_p
-        log_p = scale_and_mask(log_p, lazy.kl_scale, lazy.kl_mask)
-        msg["log_prob"] = log_p
-        msg["log_prob_sum"] = log_p.sum() if torch.is_tensor(log_p) else torch.as_tensor(log_p)
+        # -KL(q || p), computed when an ELBO asks for the site's log-density (prediction never does); scaled and
+        # masked like the guide site that made the lazy value.
+        msg["fn"] = LocalReparamKL(msg["fn"], lazy)
+        msg["scale"] = lazy.kl_scale
+        msg["mask"] = lazy.kl_mask

@@ -2,6 +2,9 @@
 
 import torch
 from pyro.distributions import TorchDistribution
+from torch.distributions import kl_divergence
+
+from pyro_vdrop.distributions.util import base_distribution
 
 
 class LocalReparamSite(TorchDistribution):
@@ -64,3 +67,60 @@ class LocalReparamSite(TorchDistribution):
 
     def __repr__(self):
         return f"LocalReparamSite({self.base!r})"
+
+
+class LocalReparamKL(TorchDistribution):
+    """
+    The distribution recorded at a model site whose value is a :class:`~pyro_vdrop.poutine.LazyWeight`.
+
+    It stands for the prior ``base`` (available as :attr:`base` and ``base_dist``, with the same shapes and
+    support) and its :meth:`log_prob` is the site's analytic ELBO term :math:`-\\mathrm{KL}(q \\| p)`, where
+    ``q`` is the lazy value's Gaussian. The KL is computed only when something asks for the log-density —
+    an ELBO's :meth:`~pyro.poutine.trace_struct.Trace.compute_log_prob` — so that prediction
+    (:class:`~pyro_vdrop.infer.Predictive`, the ArviZ export, evaluation), which never asks, does not pay for
+    it. The site's ``scale`` and ``mask`` are those of the guide site that made the lazy value.
+
+    :param base: The site's prior.
+    :param lazy: The site's lazy value.
+    """
+
+    arg_constraints = {}
+
+    def __init__(self, base, lazy):
+        self.base = base
+        self.lazy = lazy
+        super().__init__(base.batch_shape, base.event_shape, validate_args=False)
+
+    @property
+    def base_dist(self):
+        return self.base
+
+    @property
+    def support(self):
+        return self.base.support
+
+    def expand(self, batch_shape, _instance=None):
+        return LocalReparamKL(self.base.expand(batch_shape), self.lazy)
+
+    def sample(self, sample_shape=torch.Size()):
+        raise NotImplementedError(
+            f"local_reparam: site {self.lazy.site!r} is a weight whose value is a lazy Gaussian; sample the prior "
+            "`.base` instead"
+        )
+
+    def log_prob(self, value):
+        """:math:`-\\mathrm{KL}(q \\| p)` (unscaled), whatever ``value`` is: the site holds no sampled weight."""
+        q = self.lazy.distribution
+        names = type(base_distribution(q)).__name__, type(base_distribution(self.base)).__name__
+        try:
+            kl = kl_divergence(q, self.base)
+        except NotImplementedError as e:
+            raise NotImplementedError(
+                f"local_reparam at site {self.lazy.site!r}: there is no weight sample, so the ELBO needs the "
+                f"analytic KL(q || p), and none is registered for q = {names[0]}, p = {names[1]}. Register one with "
+                "torch.distributions.kl.register_kl, or exclude the site with local_reparam(sites=...)."
+            ) from e
+        return -kl
+
+    def __repr__(self):
+        return f"LocalReparamKL({self.base!r})"

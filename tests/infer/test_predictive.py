@@ -70,3 +70,22 @@ def test_predictive_under_local_reparam_samples_pre_activations(monkeypatch):
             Predictive(classifier, guide=guide, num_samples=2, return_sites=["w"])(x)
         with pytest.raises(ValueError, match="parallel=False"):
             Predictive(classifier, guide=guide, num_samples=2, parallel=True)(x)
+
+
+def test_prediction_under_local_reparam_computes_no_kl(monkeypatch):
+    """The analytic KL is an ELBO term: Predictive never asks for it; an ELBO on the same handler does."""
+    from pyro_vdrop.poutine import local_reparam
+
+    calls = []
+    kl_divergence = torch.distributions.kl_divergence
+    monkeypatch.setattr(
+        "pyro_vdrop.poutine.local_reparam_site.kl_divergence", lambda q, p: calls.append(1) or kl_divergence(q, p)
+    )
+    x, y = torch.randn(30, 4), torch.randint(0, 3, (30,))
+    guide = AutoVariationalDropout(classifier, init_log_alpha=-1.0)
+    guide(x, y)
+    with local_reparam():
+        Predictive(classifier, guide=guide, num_samples=5, return_sites=["obs"])(x)
+        assert calls == []
+        TraceMeanField_ELBO().loss(classifier, guide, x, y)
+    assert len(calls) == 1  # one weight site, one KL

@@ -68,7 +68,7 @@ def _kl_sum(guide_trace, model_trace, names=("w1", "b1", "w2")):
     for n in names:
         q = guide_trace.nodes[n]["fn"]
         assert isinstance(q, LocalReparamSite)  # the guide's distribution is recorded as q.base
-        total = total + kl_divergence(q.base, model_trace.nodes[n]["fn"]).sum() * guide_trace.nodes[n]["scale"]
+        total = total + kl_divergence(q.base, model_trace.nodes[n]["fn"].base).sum() * guide_trace.nodes[n]["scale"]
     return total
 
 
@@ -555,3 +555,20 @@ def test_elbo_against_closed_form(Elbo, estimator):
 
 
 Z_ELBO = 4.5  # standard errors of the mean loss (fixed seed)
+
+
+def test_unregistered_kl_is_an_error_when_the_elbo_asks():
+    def model(x):  # no KL(VariationalDropoutNormal || StudentT) is registered
+        w = pyro.sample("w", dist.StudentT(3.0, torch.zeros(3), 1.0).to_event(1))
+        return x @ w
+
+    def guide(x):
+        pyro.sample("w", VariationalDropoutNormal(torch.ones(3), torch.zeros(3)).to_event(1))
+
+    x = torch.randn(5, 3)
+    with local_reparam():
+        guide_trace = poutine.trace(guide).get_trace(x)
+        model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(x)  # prediction: fine
+        message = "site 'w'.*none is registered for q = VariationalDropoutNormal, p = StudentT"
+        with pytest.raises(NotImplementedError, match=message):
+            model_trace.compute_log_prob()
