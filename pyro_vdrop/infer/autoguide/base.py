@@ -203,7 +203,8 @@ class AutoVariationalDropoutBase:
         """
         event_dim, input_axis = self._layouts[name]
         loc = self._get_loc(name)
-        options = {"kl_approx": self.kl_approx, "log_alpha_clip": self.log_alpha_clip}
+        # built from the guide's own parameters: valid by construction, so not re-validated on every step
+        options = {"kl_approx": self.kl_approx, "log_alpha_clip": self.log_alpha_clip, "validate_args": False}
         if self.parameterization == "additive":
             log_sigma2 = attrgetter(name)(self.log_sigma2s)
             posterior = VariationalDropoutNormal.from_additive(loc, log_sigma2, **options)

@@ -648,3 +648,18 @@ def test_readme_autoguide_list_recipe_and_the_mean_field_warning():
                 pyro.set_rng_seed(3)
                 losses[weights_first] = TraceMeanField_ELBO().loss(model, guide, x, y)
     assert losses[False] == losses[True]
+
+
+@pytest.mark.parametrize("variant", ["B", "A", "sparse"])
+def test_posteriors_are_not_revalidated_but_user_input_is(variant):
+    """The guide builds its posteriors from its own parameters: Pyro's validation (on by default) skips them."""
+    x, y = linear_data()
+    guide = AutoVariationalDropout(linear_model, **VARIANTS[variant])
+    guide(x, y)
+    with pyro.validation_enabled(True):
+        posterior = guide.posterior("w")
+        assert posterior.base_dist._validate_args is False
+        with pytest.raises(ValueError, match="loc"):
+            VariationalDropoutNormal(torch.tensor([float("nan")]), torch.zeros(1))
+        with pytest.raises(ValueError, match="probs|logits"):
+            TraceMeanField_ELBO().loss(lambda: pyro.sample("y", dist.Bernoulli(probs=torch.tensor(2.0))), lambda: None)
