@@ -157,7 +157,9 @@ def bayesianize(
                     "random"
                 )
     if not chosen:
-        raise ValueError("the module has no Linear or Conv1d/2d/3d layer, nor LSTM/GRU/RNN, to make random (see layers=)")
+        raise ValueError(
+            "the module has no Linear or Conv1d/2d/3d layer, nor LSTM/GRU/RNN, to make random (see layers=)"
+        )
     if type(module) in RECURRENT_LAYERS:
         raise TypeError(
             f"bayesianize: the module is itself an {type(module).__name__}, whose output (a tuple) is not logits; "

@@ -394,3 +394,26 @@ def test_sparse_vd_lstm_learns_a_sequence_task(estimator, noise):
     with vd.poutine.local_reparam(estimator="mean"):
         logits = poutine.replay(model, trace=poutine.trace(guide).get_trace(x))(x)
     assert (logits.argmax(-1) == y).double().mean() > 0.85
+
+
+@pytest.mark.parametrize("estimator,noise", [("flipout", "independent"), ("lrt", "correlated")])
+def test_stacked_bidirectional_lstm_matches_monte_carlo(estimator, noise):
+    # every weight of a 2-layer bidirectional LSTM, one per sequence (8 sites)
+    kwargs = dict(batch_first=True, num_layers=2, bidirectional=True)
+    torch_rnn = nn.LSTM(IN, H, **kwargs)
+    with torch.no_grad():
+        for p in torch_rnn.parameters():
+            p.mul_(2.0)
+    rnn = vd.nn.LSTM(IN, H, **kwargs)
+    rnn.load_state_dict(torch_rnn.state_dict())
+    names = _random_sites(rnn)
+    assert len(names) == 8
+    values = {n: torch_rnn.get_parameter(n).detach().clone() for n in names}
+    x0 = torch.randn(1, T, IN)
+    with torch.no_grad():
+        guide = _guide_for(values, -0.5, noise)
+        out = torch.cat([_run(rnn, guide, x0.expand(BATCH, T, IN), estimator)[0] for _ in range(NUM_DRAWS // BATCH)])
+        draws = {n: _posterior(v, -0.5, noise).sample((NUM_DRAWS,)) for n, v in values.items()}
+        reference = _reference_outputs(torch_rnn, x0, draws)
+    z_mean, z_var = _max_z(_statistics(out), _statistics(reference), groups_a=NUM_DRAWS // BATCH)
+    assert z_mean < Z_TOLERANCE and z_var < Z_TOLERANCE, (z_mean, z_var)
