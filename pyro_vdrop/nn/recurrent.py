@@ -45,16 +45,14 @@ from pyro_vdrop.infer.sparsity import PRUNE_LOG_ALPHA_THRESHOLD
 from pyro_vdrop.poutine import LazyWeight, PerSequenceWeight
 
 #: The torch recurrent layers :func:`~pyro_vdrop.nn.bayesianize` makes random, and the number of gate blocks
-#: stacked in the rows of their weights (torch's order: LSTM i, f, g, o; GRU r, z, n).
+#: stacked in the rows of their weights (torch's order: LSTM i, f, g, o; GRU r, z, n; RNN one block).
 RECURRENT_LAYERS = {nn.LSTM: 4, nn.GRU: 3, nn.RNN: 1}
 
-GATE_NAMES = {nn.LSTM: ("input", "forget", "cell", "output"), nn.GRU: ("reset", "update", "new"), nn.RNN: ("",)}
+GATE_NAMES = {nn.LSTM: ("input", "forget", "cell", "output"), nn.GRU: ("reset", "update", "new"), nn.RNN: ("all",)}
 
 
 class _RecurrentMixin:
     """Overrides of :class:`torch.nn.RNNBase` that keep weights unread outside ``forward``, and the Python loop."""
-
-    _torch_class: type = nn.RNNBase
 
     # ----- torch's flat-weights cache: never read the weights outside forward -----
 
@@ -176,19 +174,13 @@ class _RecurrentMixin:
 class LSTM(_RecurrentMixin, PyroModule[nn.LSTM]):
     """:class:`torch.nn.LSTM` as a :class:`~pyro.nn.PyroModule` whose weights may be random (see the module's doc)."""
 
-    _torch_class = nn.LSTM
-
 
 class GRU(_RecurrentMixin, PyroModule[nn.GRU]):
     """:class:`torch.nn.GRU` as a :class:`~pyro.nn.PyroModule` whose weights may be random (see the module's doc)."""
 
-    _torch_class = nn.GRU
-
 
 class RNN(_RecurrentMixin, PyroModule[nn.RNN]):
     """:class:`torch.nn.RNN` as a :class:`~pyro.nn.PyroModule` whose weights may be random (see the module's doc)."""
-
-    _torch_class = nn.RNN
 
 
 _CLASSES = {nn.LSTM: LSTM, nn.GRU: GRU, nn.RNN: RNN}
