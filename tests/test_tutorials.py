@@ -89,12 +89,26 @@ def _check_uncertainty(out):
     assert "the reloaded pruned network gives the same logits: True" in out
 
 
+def _check_sequences(out):
+    assert _find(r"pretrained LSTM: test accuracy NUMBER%", out)[0] > 15  # 6 smoke epochs of 3 steps; chance 10%
+    assert _find(r"pruned network: test accuracy NUMBER%", out)[0] > 15
+    rows = {
+        site: _find(rf"^  {site}\s+NUMBER%\s+NUMBER%\s+NUMBER%\s+NUMBER%$", out)
+        for site in ("lstm.weight_ih_l0", "lstm.weight_hh_l0")
+    }
+    for site, shares in rows.items():
+        assert all(0 <= v <= 100 for v in shares), (site, shares)
+    total = _find(r"^  total\s+pruned\s+NUMBER%", out)[0]
+    assert 0 < total < 100
+
+
 CHECKS = {
     "01_quickstart": _check_quickstart,
     "02_local_reparameterization": _check_local_reparameterization,
     "03_sparse_mnist": _check_sparse_mnist,
     "04_arviz": _check_arviz,
     "05_uncertainty": _check_uncertainty,
+    "07_sequences": _check_sequences,
 }
 
 

@@ -104,7 +104,9 @@ class ImproperLogUniform(TorchDistribution):
             "pyro_vdrop.infer.AutoVariationalDropout(model), and train with TraceMeanField_ELBO; to draw "
             "weights or predictions, sample from the guide with pyro_vdrop.infer.Predictive(model, guide=guide, ...) "
             "(pyro.infer.Predictive first samples the model from its prior, which fails on this prior), and "
-            "initialise autoguides with init_loc_fn=pyro_vdrop.infer.init_to_fan_in."
+            "initialise autoguides with init_loc_fn=pyro_vdrop.infer.init_to_fan_in. A PyroModule[nn.LSTM/GRU/RNN] "
+            "samples every weight's prior whenever one weight is set or the module is moved: use "
+            "pyro_vdrop.nn.LSTM/GRU/RNN for recurrent layers with this prior."
         )
 
     def rsample(self, sample_shape=torch.Size()):

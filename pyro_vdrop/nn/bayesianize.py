@@ -16,9 +16,25 @@ from torch.distributions import constraints
 from pyro_vdrop.distributions import ImproperLogUniform
 
 from .bayesian_module import LIKELIHOODS, BayesianModule, bayesian_class
+from .recurrent import RECURRENT_LAYERS, to_bayesian_recurrent_
 
-#: The layer types whose weights become random; the local reparameterization trick applies to them.
-SUPPORTED_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+#: The layer types whose weights become random: the local reparameterization trick applies to the linear and
+#: convolutional ones; recurrent ones get one weight per sequence (see :mod:`pyro_vdrop.nn.recurrent`).
+SUPPORTED_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d) + tuple(RECURRENT_LAYERS)
+_LAYER_NAMES = "Linear, Conv1d/2d/3d, LSTM, GRU and RNN"
+
+
+def _random_params(layer, random_bias):
+    """The names of a layer's parameters that become random sites."""
+    if type(layer) in RECURRENT_LAYERS:
+        if getattr(layer, "proj_size", 0):
+            raise NotImplementedError(
+                f"bayesianize: an LSTM with proj_size > 0 ({layer}) is not supported; use proj_size=0"
+            )
+        names = layer._flat_weights_names
+        return [n for n in names if n.startswith("weight_") or (random_bias and n.startswith("bias_"))]
+    return ["weight"] + (["bias"] if random_bias and layer.bias is not None else [])
+
 
 _RESERVED = ("obs_scale", "num_data", "likelihood", "random_sites", "deterministic_modules")
 
@@ -66,13 +82,18 @@ def bayesianize(
 
         w \sim p(w), \qquad y_i \mid x_i, w \sim p(y_i \mid f_w(x_i)), \quad i = 1, \dots, N.
 
-    The weight of every :class:`~torch.nn.Linear` and :class:`~torch.nn.Conv1d` / ``Conv2d`` / ``Conv3d`` layer
-    (or of those named in ``layers``) becomes a :class:`~pyro.nn.PyroSample` site named by its module path
+    The weight of every :class:`~torch.nn.Linear`, :class:`~torch.nn.Conv1d` / ``Conv2d`` / ``Conv3d`` layer
+    and every weight matrix (``weight_ih_l0``, ``weight_hh_l0``, ..., ``_reverse``) of every
+    :class:`~torch.nn.LSTM` / ``GRU`` / ``RNN`` (or of those layers named in ``layers``) becomes a
+    :class:`~pyro.nn.PyroSample` site named by its module path
     (``"fc1.weight"``) with prior ``ImproperLogUniform().expand(w.shape).to_event(w.dim())``. Biases stay
     deterministic parameters (trained by SVI as ``pyro.param`` sites of the same names) unless
     ``random_bias=True``. All other layers stay deterministic; those holding parameters (e.g.
     ``BatchNorm``, ``Embedding``, ``LayerNorm``, transposed convolutions) are listed in a warning and in
-    ``model.deterministic_modules``.
+    ``model.deterministic_modules``. Recurrent layers become :mod:`pyro_vdrop.nn.recurrent` layers (same class
+    family, same parameters), whose weight is one sample per sequence, shared by its time steps; under
+    :func:`~pyro_vdrop.poutine.local_reparam` they need a correlated-noise guide or the ``"flipout"``,
+    ``"per-example"`` or ``"mean"`` estimator (``"lrt"`` raises: it is not exact over time steps).
 
     The input is not changed: the model is a deep copy converted with :func:`~pyro.nn.module.to_pyro_module_`,
     still an instance of the network's class. Its ``forward(x, y=None)`` (see :meth:`BayesianModule.forward`)
@@ -132,11 +153,18 @@ def bayesianize(
                 raise ValueError(f"layers: no module named {name!r}; the module's layers are {sorted(named)}")
             if type(named[name]) not in SUPPORTED_LAYERS:
                 raise TypeError(
-                    f"layers: {name!r} is a {type(named[name]).__name__}; only "
-                    f"{', '.join(t.__name__ for t in SUPPORTED_LAYERS)} weights can be made random"
+                    f"layers: {name!r} is a {type(named[name]).__name__}; only {_LAYER_NAMES} weights can be made "
+                    "random"
                 )
     if not chosen:
-        raise ValueError("the module has no Linear or Conv1d/2d/3d layer to make random (see layers=)")
+        raise ValueError(
+            "the module has no Linear or Conv1d/2d/3d layer, nor LSTM/GRU/RNN, to make random (see layers=)"
+        )
+    if type(module) in RECURRENT_LAYERS:
+        raise TypeError(
+            f"bayesianize: the module is itself an {type(module).__name__}, whose output (a tuple) is not logits; "
+            "wrap it in a module that maps its output to the logits or mean"
+        )
     left = [
         name
         for name, m in named.items()
@@ -144,7 +172,7 @@ def bayesianize(
     ]
     if left:
         warnings.warn(
-            "bayesianize leaves these modules with parameters deterministic (only Linear and Conv1d/2d/3d weights "
+            f"bayesianize leaves these modules with parameters deterministic (only {_LAYER_NAMES} weights "
             f"become random): {', '.join(f'{n} ({type(named[n]).__name__})' for n in left)}",
             UserWarning,
             stacklevel=2,
@@ -157,7 +185,9 @@ def bayesianize(
     random_sites = []
     for layer_name in chosen:
         layer = model.get_submodule(layer_name)
-        params = ["weight"] + (["bias"] if random_bias and layer.bias is not None else [])
+        params = _random_params(template.get_submodule(layer_name), random_bias)
+        if type(template.get_submodule(layer_name)) in RECURRENT_LAYERS:
+            to_bayesian_recurrent_(layer)  # before the sites are set: torch's RNN reads every weight on setattr
         for param_name in params:
             site = f"{layer_name}.{param_name}" if layer_name else param_name
             value = getattr(layer, param_name)

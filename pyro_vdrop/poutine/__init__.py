@@ -6,6 +6,7 @@ from .handlers import active_local_reparam, estimator_handler, local_reparam
 from .lazy_weight import LazyWeight, LazyWeightError, UnsupportedOperation
 from .local_reparam_messenger import LocalReparamMessenger
 from .local_reparam_site import LocalReparamKL, LocalReparamSite
+from .per_sequence_weight import RECURRENT_ESTIMATORS, PerSequenceWeight
 
 __all__ = [
     "ALL_ESTIMATORS",
@@ -15,6 +16,8 @@ __all__ = [
     "LocalReparamKL",
     "LocalReparamMessenger",
     "LocalReparamSite",
+    "PerSequenceWeight",
+    "RECURRENT_ESTIMATORS",
     "UnsupportedOperation",
     "active_local_reparam",
     "estimator_handler",

@@ -52,6 +52,8 @@ _MATMUL = {torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__, torch.Ten
 _TRANSPOSE = {torch.Tensor.t, torch.t, torch.Tensor.T.__get__, torch.Tensor.mT.__get__, torch.Tensor.transpose}
 _TRANSPOSE.add(torch.transpose)
 _RESHAPE = {torch.Tensor.reshape, torch.reshape, torch.Tensor.view}
+# torch's fused recurrent kernels (torch._VF.lstm, ...), met when a torch RNN gets a lazy weight
+_RECURRENT_KERNELS = ("lstm", "gru", "rnn_tanh", "rnn_relu")
 _ADD = {torch.add, torch.Tensor.add, torch.Tensor.__add__, torch.Tensor.__radd__}
 
 
@@ -314,6 +316,9 @@ class LazyWeight(torch.Tensor):
             reason = str(e)
         else:
             reason = "only " + _SUPPORTED
+            if _op_name(func) in _RECURRENT_KERNELS:
+                reason += "; for recurrent layers use pyro_vdrop.nn.LSTM/GRU/RNN (bayesianize does), which run the "
+                reason += "recurrence with one weight per sequence"
         return _fallback_or_raise(func, args, kwargs, lazies, reason)
 
 
