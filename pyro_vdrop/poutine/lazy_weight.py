@@ -111,7 +111,14 @@ class LazyWeight(torch.Tensor):
     as Gaussian noise :math:`\xi \sim \mathcal{N}(1, \alpha)` on the op's input (output), once per
     example: this is exact for either estimator.
 
-    Every other use of the tensor (elementwise maths, indexing, reading its values) raises a
+    ``F.conv_transpose1d/2d/3d`` work alike; ``F.embedding`` (see :func:`lazy_embedding`) draws one weight per
+    example (dim 0 of the indices) at the looked-up rows; ``F.multi_head_attention_forward`` (see
+    :func:`lazy_multi_head_attention_forward`) runs its projections as lazy linear ops. Slices that pick each
+    element at most once (basic indexing, boolean masks and index lists without repeats, ``narrow``,
+    ``index_select``, ``chunk``, ``split``, ``unbind``) are lazy weights too: a slice is an independent part of a
+    factorized Gaussian.
+
+    Every other use of the tensor (elementwise maths, reading its values, a repeated index) raises a
     :class:`LazyWeightError` naming the site and the operation, unless the handler was created
     with ``fallback=True``, in which case one ordinary weight sample is drawn for the site.
     An autoguide's auxiliary value (``auxiliary=True``) that the guide transforms before handing it
@@ -124,8 +131,10 @@ class LazyWeight(torch.Tensor):
     and signs or correlated noise, and for LRT and ``"per-example"`` uses per-example weight samples that
     agree with the first use's output (drawn by Matheron's rule, :func:`~pyro_vdrop.poutine.lazy_ops.
     linear_lrt_weights`), so the joint law of the outputs is exact. Tied uses that cannot share their noise
-    (a convolution, a reshaped weight, inputs of another batch shape, an ordinary sample after a noisy use)
-    raise a :class:`LazyWeightError` naming the site and both operations.
+    (a convolution, an embedding lookup, a reshaped weight, inputs of another batch shape, an ordinary sample
+    after a noisy use) raise a :class:`LazyWeightError` naming the site and both operations. Uses of disjoint
+    slices of a weight (the query and key/value parts of a packed attention projection) are independent; a
+    slice used twice is tied like the whole weight; slices that overlap partly raise.
 
     Semantics: every leading index of a linear op's input is an example with its own,
     independent weight noise; for convolutions LRT noise is independent per output element

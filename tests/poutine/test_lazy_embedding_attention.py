@@ -147,6 +147,7 @@ VIEWS = {
     "advanced": lambda w: w[[5, 1]],
     "mask": lambda w: w[torch.tensor([True, False, True, True, False, False])],
     "slice_of_transpose": lambda w: w.t()[:3],
+    "unbind": lambda w: w.unbind(0)[2][None],
 }
 
 
