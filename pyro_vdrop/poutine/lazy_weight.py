@@ -408,11 +408,32 @@ def _tied_error(lazy, op, reason, tie=None):
 
 
 def _region(w):
-    """The root's element (flat index) at every element of the view ``w``, in ``w``'s layout."""
+    """
+    The root's element (flat index) at every element of the view ``w``, in ``w``'s layout; None for the root itself
+    (all elements in the root's layout: no index tensor is built for the common case of a weight used whole).
+    """
     root = w.root
+    if w is root:
+        return None
     if root._probe is None:
         root._probe = torch.arange(root.numel(), device=root.device).reshape(root.shape)
     return _replay_views(w, root._probe)
+
+
+def _full_region(root, region):
+    if region is not None:
+        return region
+    if root._probe is None:
+        root._probe = torch.arange(root.numel(), device=root.device).reshape(root.shape)
+    return root._probe
+
+
+def _overlap(root, a, b):
+    if a is None or b is None:  # the whole weight overlaps every part of it
+        return True
+    mask = torch.zeros(root.numel(), dtype=torch.bool, device=root.device)
+    mask[a.reshape(-1)] = True
+    return bool(mask[b.reshape(-1)].any())
 
 
 def _find_use(w, op):
@@ -424,20 +445,23 @@ def _find_use(w, op):
     """
     root = w.root
     region = _region(w)
-    if not root._ties:
-        return None, False, region
-    mask = torch.zeros(root.numel(), dtype=torch.bool, device=root.device)
-    mask[region.reshape(-1)] = True
-    hits = [tie for tie in root._ties if mask[tie["region"].reshape(-1)].any()]
+    hits = [tie for tie in root._ties if _overlap(root, tie["region"], region)]
     if not hits:
         return None, False, region
     tie = hits[0]
     if len(hits) > 1:
         raise _tied_error(w, op, "it overlaps several earlier uses of parts of the weight", tie)
-    first = tie["region"]
-    if first.shape == region.shape and torch.equal(first, region):
+    if tie["region"] is None and region is None:
         return tie, False, region
-    if first.dim() == 2 and region.dim() == 2 and first.shape == region.shape[::-1] and torch.equal(first.t(), region):
+    first, region_t = _full_region(root, tie["region"]), _full_region(root, region)
+    if first.shape == region_t.shape and torch.equal(first, region_t):
+        return tie, False, region
+    if (
+        first.dim() == 2
+        and region_t.dim() == 2
+        and first.shape == region_t.shape[::-1]
+        and torch.equal(first.t(), region_t)
+    ):
         return tie, True, region
     return tie, None, region
 
