@@ -130,7 +130,16 @@ PUBLIC_API = {
         "local_reparam",
     ],
     "pyro_vdrop.poutine.handlers": ["local_reparam"],
-    "pyro_vdrop.poutine.lazy_weight": ["ESTIMATORS", "LazyWeight", "LazyWeightError", "lazy_conv", "lazy_linear"],
+    "pyro_vdrop.poutine.lazy_weight": [
+        "ESTIMATORS",
+        "LazyWeight",
+        "LazyWeightError",
+        "lazy_conv",
+        "lazy_conv_transpose",
+        "lazy_embedding",
+        "lazy_linear",
+        "lazy_multi_head_attention_forward",
+    ],
     "pyro_vdrop.poutine.local_reparam_messenger": ["ESTIMATORS", "LocalReparamMessenger"],
     "pyro_vdrop.poutine.local_reparam_site": ["LocalReparamKL", "LocalReparamSite"],
     "pyro_vdrop.train": [

@@ -102,6 +102,17 @@ def _check_sequences(out):
     assert 0 < total < 100
 
 
+def _check_attention(out):
+    chance = 0.25
+    assert _find(r"deterministic transformer: test accuracy NUMBER", out)[0] > chance + 0.1
+    assert _find(r"pruned network: test accuracy NUMBER", out)[0] > chance + 0.1
+    assert _find(r"MC predictive \(\d+ draws\): test accuracy NUMBER", out)[0] > chance + 0.1
+    fraction, compression = _find(r"pruned NUMBER% of the weights \(NUMBER× compression\)", out)
+    assert 0 <= fraction < 100 and compression >= 1
+    assert len(re.findall(r"^block\.self_attn\.in_proj_weight\s+pruned", out, re.M)) == 1  # attention is random
+    assert "LazyWeightError: local_reparam: the weight of site 'tokens.weight' is used twice" in out
+
+
 CHECKS = {
     "01_quickstart": _check_quickstart,
     "02_local_reparameterization": _check_local_reparameterization,
@@ -109,6 +120,7 @@ CHECKS = {
     "04_arviz": _check_arviz,
     "05_uncertainty": _check_uncertainty,
     "07_sequences": _check_sequences,
+    "08_attention": _check_attention,
 }
 
 

@@ -18,14 +18,26 @@ from pyro_vdrop.distributions import ImproperLogUniform
 from .bayesian_module import LIKELIHOODS, BayesianModule, bayesian_class
 from .recurrent import RECURRENT_LAYERS, to_bayesian_recurrent_
 
-#: The layer types whose weights become random: the local reparameterization trick applies to the linear and
-#: convolutional ones; recurrent ones get one weight per sequence (see :mod:`pyro_vdrop.nn.recurrent`).
-SUPPORTED_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d) + tuple(RECURRENT_LAYERS)
-_LAYER_NAMES = "Linear, Conv1d/2d/3d, LSTM, GRU and RNN"
+#: The layer types whose weights become random: the local reparameterization trick applies to the linear,
+#: convolutional, embedding and attention ones; recurrent ones get one weight per sequence (see
+#: :mod:`pyro_vdrop.nn.recurrent`).
+SUPPORTED_LAYERS = (
+    nn.Linear,
+    nn.modules.linear.NonDynamicallyQuantizableLinear,  # the output projection of nn.MultiheadAttention
+    nn.Conv1d,
+    nn.Conv2d,
+    nn.Conv3d,
+    nn.ConvTranspose1d,
+    nn.ConvTranspose2d,
+    nn.ConvTranspose3d,
+    nn.Embedding,
+    nn.MultiheadAttention,
+) + tuple(RECURRENT_LAYERS)
+_LAYER_NAMES = ", ".join(t.__name__ for t in SUPPORTED_LAYERS)
 
 
-def _random_params(layer, random_bias):
-    """The names of a layer's parameters that become random sites."""
+def _random_params(layer: nn.Module, random_bias: bool) -> list[str]:
+    """The names of a supported layer's parameters that become random sites."""
     if type(layer) in RECURRENT_LAYERS:
         if getattr(layer, "proj_size", 0):
             raise NotImplementedError(
@@ -33,7 +45,20 @@ def _random_params(layer, random_bias):
             )
         names = layer._flat_weights_names
         return [n for n in names if n.startswith("weight_") or (random_bias and n.startswith("bias_"))]
-    return ["weight"] + (["bias"] if random_bias and layer.bias is not None else [])
+    if isinstance(layer, nn.MultiheadAttention):
+        # the packed input projection, or the separate ones when the key/value dims differ; the output
+        # projection is the layer's own submodule ``out_proj`` (a Linear)
+        names = [
+            n
+            for n in ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight")
+            if getattr(layer, n) is not None
+        ]
+        bias = "in_proj_bias"
+    else:
+        names, bias = ["weight"], "bias"
+    if random_bias and getattr(layer, bias, None) is not None:
+        names.append(bias)
+    return names
 
 
 _RESERVED = ("obs_scale", "num_data", "likelihood", "random_sites", "deterministic_modules")
@@ -82,18 +107,23 @@ def bayesianize(
 
         w \sim p(w), \qquad y_i \mid x_i, w \sim p(y_i \mid f_w(x_i)), \quad i = 1, \dots, N.
 
-    The weight of every :class:`~torch.nn.Linear`, :class:`~torch.nn.Conv1d` / ``Conv2d`` / ``Conv3d`` layer
-    and every weight matrix (``weight_ih_l0``, ``weight_hh_l0``, ..., ``_reverse``) of every
-    :class:`~torch.nn.LSTM` / ``GRU`` / ``RNN`` (or of those layers named in ``layers``) becomes a
-    :class:`~pyro.nn.PyroSample` site named by its module path
-    (``"fc1.weight"``) with prior ``ImproperLogUniform().expand(w.shape).to_event(w.dim())``. Biases stay
-    deterministic parameters (trained by SVI as ``pyro.param`` sites of the same names) unless
-    ``random_bias=True``. All other layers stay deterministic; those holding parameters (e.g.
-    ``BatchNorm``, ``Embedding``, ``LayerNorm``, transposed convolutions) are listed in a warning and in
-    ``model.deterministic_modules``. Recurrent layers become :mod:`pyro_vdrop.nn.recurrent` layers (same class
-    family, same parameters), whose weight is one sample per sequence, shared by its time steps; under
-    :func:`~pyro_vdrop.poutine.local_reparam` they need a correlated-noise guide or the ``"flipout"``,
-    ``"per-example"`` or ``"mean"`` estimator (``"lrt"`` raises: it is not exact over time steps).
+    The weight of every :class:`~torch.nn.Linear`, :class:`~torch.nn.Conv1d` / ``Conv2d`` / ``Conv3d``,
+    :class:`~torch.nn.ConvTranspose1d` / ``2d`` / ``3d`` and :class:`~torch.nn.Embedding` layer, the input
+    projection (``in_proj_weight``, or ``q/k/v_proj_weight``) and output projection (``out_proj.weight``) of every
+    :class:`~torch.nn.MultiheadAttention` (so also of transformer layers), and every weight matrix
+    (``weight_ih_l0``, ``weight_hh_l0``, ..., ``_reverse``) of every :class:`~torch.nn.LSTM` / ``GRU`` / ``RNN``
+    (or of the layers named in ``layers``) becomes a :class:`~pyro.nn.PyroSample` site named by its module path
+    (``"fc1.weight"``, ``"attn.in_proj_weight"``) with prior ``ImproperLogUniform().expand(w.shape).to_event(w.dim())``.
+    Biases stay deterministic parameters (trained by SVI as ``pyro.param`` sites of the same names) unless
+    ``random_bias=True``. All other layers stay deterministic; those holding parameters (e.g. ``BatchNorm``,
+    ``LayerNorm``) are listed in a warning and in ``model.deterministic_modules``. Under
+    :func:`~pyro_vdrop.poutine.local_reparam` an embedding draws one weight per example (dim 0 of its indices,
+    a sequence of ``(batch, length)`` token ids) and the linear layers (attention projections included) draw
+    independent noise per token; see :func:`~pyro_vdrop.poutine.lazy_weight.lazy_embedding`. Recurrent layers
+    become :mod:`pyro_vdrop.nn.recurrent` layers (same class family, same parameters), whose weight is one sample
+    per sequence, shared by its time steps; under :func:`~pyro_vdrop.poutine.local_reparam` they need a
+    correlated-noise guide or the ``"flipout"``, ``"per-example"`` or ``"mean"`` estimator (``"lrt"`` raises: it
+    is not exact over time steps).
 
     The input is not changed: the model is a deep copy converted with :func:`~pyro.nn.module.to_pyro_module_`,
     still an instance of the network's class. Its ``forward(x, y=None)`` (see :meth:`BayesianModule.forward`)
@@ -158,7 +188,8 @@ def bayesianize(
                 )
     if not chosen:
         raise ValueError(
-            "the module has no Linear or Conv1d/2d/3d layer, nor LSTM/GRU/RNN, to make random (see layers=)"
+            "the module has no layer to make random (see layers=); supported: "
+            f"{', '.join(t.__name__ for t in SUPPORTED_LAYERS)}"
         )
     if type(module) in RECURRENT_LAYERS:
         raise TypeError(
@@ -172,8 +203,9 @@ def bayesianize(
     ]
     if left:
         warnings.warn(
-            f"bayesianize leaves these modules with parameters deterministic (only {_LAYER_NAMES} weights "
-            f"become random): {', '.join(f'{n} ({type(named[n]).__name__})' for n in left)}",
+            "bayesianize leaves these modules with parameters deterministic (only the weights of "
+            f"{', '.join(t.__name__ for t in SUPPORTED_LAYERS)} become random): "
+            f"{', '.join(f'{n} ({type(named[n]).__name__})' for n in left)}",
             UserWarning,
             stacklevel=2,
         )
@@ -185,10 +217,9 @@ def bayesianize(
     random_sites = []
     for layer_name in chosen:
         layer = model.get_submodule(layer_name)
-        params = _random_params(template.get_submodule(layer_name), random_bias)
         if type(template.get_submodule(layer_name)) in RECURRENT_LAYERS:
             to_bayesian_recurrent_(layer)  # before the sites are set: torch's RNN reads every weight on setattr
-        for param_name in params:
+        for param_name in _random_params(template.get_submodule(layer_name), random_bias):
             site = f"{layer_name}.{param_name}" if layer_name else param_name
             value = getattr(layer, param_name)
             setattr(layer, param_name, PyroSample(_site_prior(prior, site, value.detach())))

@@ -15,7 +15,9 @@ For a linear op :math:`\mathrm{op}(x, W)` and :math:`W \sim \mathcal{N}(\mu, \si
 - ``*_correlated``: noise shared by a weight's input (output) units, drawn as Gaussian noise
   :math:`\xi \sim \mathcal{N}(1, \alpha)` on the op's input (output), once per example [1, §3.3].
 
-The convolution kernels take the convolution function (``F.conv1d/2d/3d``) and a batched input ``(N, C, ...)``.
+The convolution kernels take the convolution function (``F.conv1d/2d/3d``, or ``F.conv_transpose1d/2d/3d``,
+whose weight is ``(in, out/groups, *kernel)``) and a batched input ``(N, C, ...)``. The embedding kernels take
+the indices and sample the looked-up rows, one weight per example (dim 0 of the indices).
 An unsupported layout raises :class:`UnsupportedOperation`.
 
 **References**
@@ -158,11 +160,14 @@ def conv_flipout(conv, x, loc, scale, **kwargs):
 
 
 def conv_per_example(conv, x, loc, scale, *, groups=1, **kwargs):
-    """``conv`` with an explicit weight sample for every example (one grouped convolution)."""
+    """
+    ``conv`` with an explicit weight sample for every example (one grouped convolution); also for the transposed
+    convolutions ``F.conv_transpose1d/2d/3d``, whose weight ``(in, out/groups, *kernel)`` stacks the same way.
+    """
     n = x.shape[0]
     ws = loc + scale * torch.randn((n,) + loc.shape, dtype=loc.dtype, device=loc.device)
     out = conv(x.reshape(1, -1, *x.shape[2:]), ws.reshape(-1, *loc.shape[1:]), None, groups=n * groups, **kwargs)
-    return out.reshape(n, loc.shape[0], *out.shape[2:])
+    return out.reshape(n, -1, *out.shape[2:])
 
 
 def conv_correlated(conv, x, loc, noise_scale, *, groups=1, **kwargs):
@@ -187,6 +192,100 @@ def conv_correlated(conv, x, loc, noise_scale, *, groups=1, **kwargs):
     raise UnsupportedOperation(f"correlated noise of shape {tuple(noise_scale.shape)}")
 
 
+def conv_transpose_correlated(conv_transpose, x, loc, noise_scale, *, groups=1, **kwargs):
+    r"""
+    ``conv_transpose(x, W)`` for :math:`W = \xi \odot \mu` with :math:`\xi \sim \mathcal{N}(1, \alpha)` shared
+    along the weight's dims that ``noise_scale`` (:math:`\sqrt\alpha`, of shape ``(1 or in, 1 or out/groups, 1,
+    ...)``; the weight of a transposed convolution is ``(in, out/groups, *kernel)``) does not index: per input
+    channel (noise on the input), per output channel within a group (all groups share the noise variables, as
+    :func:`conv_correlated`), or one for the layer; drawn once per example.
+    """
+    spatial = (1,) * (x.dim() - 2)
+    if any(k != 1 for k in noise_scale.shape[2:]):
+        raise UnsupportedOperation(f"correlated noise along kernel positions (noise shape {tuple(noise_scale.shape)})")
+    n_in, n_out = noise_scale.shape[:2]
+    if n_out == 1 and n_in != 1:  # per input channel: Gaussian dropout on the input
+        eps = torch.randn(x.shape[0], n_in, dtype=x.dtype, device=x.device)
+        xi = 1 + noise_scale.reshape(1, n_in) * eps
+        return conv_transpose(x * xi.reshape(xi.shape + spatial), loc, None, groups=groups, **kwargs)
+    if n_in == 1:  # per output channel (within a group), or one noise for the whole layer
+        out = conv_transpose(x, loc, None, groups=groups, **kwargs)
+        eps = torch.randn(out.shape[0], n_out, dtype=out.dtype, device=out.device)
+        xi = 1 + noise_scale.reshape(1, n_out) * eps
+        if n_out != 1:
+            xi = xi.repeat(1, groups)
+        return out * xi.reshape(xi.shape + spatial)
+    raise UnsupportedOperation(f"correlated noise of shape {tuple(noise_scale.shape)}")
+
+
+# ----- F.embedding: indices of any shape, weight of shape (rows, dim) -----
+
+
+def _lookup_keys(indices, num_rows):
+    """
+    For every lookup, its example (dim 0 of ``indices``; a 0-dim index is one example) and the number of its
+    (example, row) pair among the distinct pairs: ``(examples, inverse, num_pairs)``.
+    """
+    n = indices.shape[0] if indices.dim() else 1
+    examples = torch.arange(n, device=indices.device).reshape((-1,) + (1,) * max(indices.dim() - 1, 0))
+    examples = examples.expand(indices.shape) if indices.dim() else examples.reshape(())
+    if indices.dim() <= 1:  # every lookup is its own example: all pairs are distinct
+        return examples, torch.arange(indices.numel(), device=indices.device).reshape(indices.shape), indices.numel()
+    keys = examples * num_rows + indices
+    pairs, inverse = torch.unique(keys, return_inverse=True)
+    return examples, inverse, pairs.numel()
+
+
+def embedding_mean(indices, loc):
+    """``F.embedding(indices, loc)``: the posterior mean, no noise."""
+    return F.embedding(indices, loc)
+
+
+def embedding_per_example(indices, loc, scale):
+    r"""
+    ``F.embedding(indices, W)`` with a weight sample :math:`W_n \sim \mathcal{N}(\mu, \sigma^2)` per example
+    :math:`n` (dim 0 of ``indices``; every index of a 1-dim ``indices`` is an example), drawn only at the rows
+    that the example looks up: a row looked up twice by one example is one draw. This is exact, and it is also
+    the LRT for a lookup (the looked-up rows are the pre-activations).
+    """
+    _, inverse, num_pairs = _lookup_keys(indices, loc.shape[0])
+    noise = torch.randn(num_pairs, loc.shape[1], dtype=loc.dtype, device=loc.device)[inverse]
+    return torch.addcmul(F.embedding(indices, loc), F.embedding(indices, scale), noise)
+
+
+def embedding_flipout(indices, loc, scale):
+    r"""
+    A Flipout sample of ``F.embedding(indices, W)``: :math:`W_n = \mu + \Delta W \odot r_n s_n^\top` with
+    one perturbation :math:`\Delta W = \sigma \odot \epsilon` per call and random signs :math:`r_n` (per row)
+    and :math:`s_n` (per column) per example :math:`n` (dim 0 of ``indices``); a row looked up twice by one
+    example sees one weight.
+    """
+    examples, inverse, num_pairs = _lookup_keys(indices, loc.shape[0])
+    delta_w = scale * torch.randn_like(loc)
+    sign_row = _rademacher((num_pairs,), loc)[inverse]
+    sign_col = _rademacher((int(examples.max()) + 1 if examples.numel() else 0, loc.shape[1]), loc)[examples]
+    return F.embedding(indices, loc) + F.embedding(indices, delta_w) * sign_row.unsqueeze(-1) * sign_col
+
+
+def embedding_correlated(indices, loc, noise_scale):
+    r"""
+    ``F.embedding(indices, W)`` for :math:`W = \xi \odot \mu` with :math:`\xi \sim \mathcal{N}(1, \alpha)`
+    per row, per column or per layer as ``noise_scale`` (:math:`\sqrt\alpha`, of shape ``(1 or rows, 1 or
+    dim)``) says, drawn once per example (dim 0 of ``indices``): a row looked up twice by one example shares
+    its noise.
+    """
+    n_rows, n_cols = noise_scale.shape
+    examples, inverse, num_pairs = _lookup_keys(indices, loc.shape[0])
+    if n_rows != 1:
+        noise = torch.randn(num_pairs, n_cols, dtype=loc.dtype, device=loc.device)[inverse]
+        ns = F.embedding(indices, noise_scale)
+    else:
+        num_examples = int(examples.max()) + 1 if examples.numel() else 0
+        noise = torch.randn(num_examples, n_cols, dtype=loc.dtype, device=loc.device)[examples]
+        ns = noise_scale[0]
+    return F.embedding(indices, loc) * (1 + ns * noise)
+
+
 __all__ = [
     "UnsupportedOperation",
     "conv_correlated",
@@ -194,6 +293,11 @@ __all__ = [
     "conv_lrt",
     "conv_mean",
     "conv_per_example",
+    "conv_transpose_correlated",
+    "embedding_correlated",
+    "embedding_flipout",
+    "embedding_mean",
+    "embedding_per_example",
     "linear_correlated",
     "linear_flipout",
     "linear_given_weights",

@@ -1,6 +1,8 @@
 # SPDX-License-Identifier: Apache-2.0
 """The lazy Gaussian weight that :class:`~pyro_vdrop.poutine.LocalReparamMessenger` puts at a weight site."""
 
+import inspect
+
 import torch
 import torch.nn.functional as F
 from torch.distributions import Normal
@@ -8,7 +10,7 @@ from torch.distributions import Normal
 from pyro_vdrop.distributions import CorrelatedVariationalDropoutNormal
 from pyro_vdrop.distributions.util import base_distribution
 
-from .estimators import ESTIMATORS, LRT, MEAN, PER_EXAMPLE
+from .estimators import ESTIMATORS, FLIPOUT, LRT, MEAN, PER_EXAMPLE
 from .lazy_ops import (
     UnsupportedOperation,
     conv_correlated,
@@ -16,6 +18,11 @@ from .lazy_ops import (
     conv_lrt,
     conv_mean,
     conv_per_example,
+    conv_transpose_correlated,
+    embedding_correlated,
+    embedding_flipout,
+    embedding_mean,
+    embedding_per_example,
     linear_correlated,
     linear_flipout,
     linear_given_weights,
@@ -55,6 +62,10 @@ _RESHAPE = {torch.Tensor.reshape, torch.reshape, torch.Tensor.view}
 # torch's fused recurrent kernels (torch._VF.lstm, ...), met when a torch RNN gets a lazy weight
 _RECURRENT_KERNELS = ("lstm", "gru", "rnn_tanh", "rnn_relu")
 _ADD = {torch.add, torch.Tensor.add, torch.Tensor.__add__, torch.Tensor.__radd__}
+_CONV_TRANSPOSE = {F.conv_transpose1d: 1, F.conv_transpose2d: 2, F.conv_transpose3d: 3}
+# linear views that select elements of a weight (each element at most once): they stay lazy Gaussians
+_SLICE = {torch.Tensor.__getitem__, torch.Tensor.narrow, torch.narrow, torch.Tensor.index_select, torch.index_select}
+_SPLIT = {torch.Tensor.chunk, torch.chunk, torch.Tensor.split, torch.split, torch.Tensor.unbind, torch.unbind}
 
 
 class LazyWeightError(RuntimeError):
@@ -65,8 +76,9 @@ class LazyWeightError(RuntimeError):
 
 
 _SUPPORTED = (
-    "F.linear, matmul/@ and F.conv1d/2d/3d (after transposes or reshapes) are supported, and adding a lazy bias "
-    "to a batch of pre-activations"
+    "F.linear, matmul/@, F.conv1d/2d/3d, F.conv_transpose1d/2d/3d, F.embedding and F.multi_head_attention_forward "
+    "(after transposes, reshapes, slicing, narrow, index_select, chunk or split) are supported, and adding a lazy "
+    "bias to a batch of pre-activations"
 )
 
 
@@ -101,7 +113,14 @@ class LazyWeight(torch.Tensor):
     as Gaussian noise :math:`\xi \sim \mathcal{N}(1, \alpha)` on the op's input (output), once per
     example: this is exact for either estimator.
 
-    Every other use of the tensor (elementwise maths, indexing, reading its values) raises a
+    ``F.conv_transpose1d/2d/3d`` work alike; ``F.embedding`` (see :func:`lazy_embedding`) draws one weight per
+    example (dim 0 of the indices) at the looked-up rows; ``F.multi_head_attention_forward`` (see
+    :func:`lazy_multi_head_attention_forward`) runs its projections as lazy linear ops. Slices that pick each
+    element at most once (basic indexing, boolean masks and index lists without repeats, ``narrow``,
+    ``index_select``, ``chunk``, ``split``, ``unbind``) are lazy weights too: a slice is an independent part of a
+    factorized Gaussian.
+
+    Every other use of the tensor (elementwise maths, reading its values, a repeated index) raises a
     :class:`LazyWeightError` naming the site and the operation, unless the handler was created
     with ``fallback=True``, in which case one ordinary weight sample is drawn for the site.
     An autoguide's auxiliary value (``auxiliary=True``) that the guide transforms before handing it
@@ -114,8 +133,10 @@ class LazyWeight(torch.Tensor):
     and signs or correlated noise, and for LRT and ``"per-example"`` uses per-example weight samples that
     agree with the first use's output (drawn by Matheron's rule, :func:`~pyro_vdrop.poutine.lazy_ops.
     linear_lrt_weights`), so the joint law of the outputs is exact. Tied uses that cannot share their noise
-    (a convolution, a reshaped weight, inputs of another batch shape, an ordinary sample after a noisy use)
-    raise a :class:`LazyWeightError` naming the site and both operations.
+    (a convolution, an embedding lookup, a reshaped weight, inputs of another batch shape, an ordinary sample
+    after a noisy use) raise a :class:`LazyWeightError` naming the site and both operations. Uses of disjoint
+    slices of a weight (the query and key/value parts of a packed attention projection) are independent; a
+    slice used twice is tied like the whole weight; slices that overlap partly raise.
 
     Semantics: every leading index of a linear op's input is an example with its own,
     independent weight noise; for convolutions LRT noise is independent per output element
@@ -152,9 +173,11 @@ class LazyWeight(torch.Tensor):
         self._sample = None
         self._parent = None
         self._view_fn = None
-        # weight tying (kept on the root): whether uses are tracked as one model run, and the first noisy use
+        # weight tying (kept on the root): whether uses are tracked as one model run, and the first noisy use of
+        # each region of the weight (a view's elements; views of disjoint elements are independent weights)
         self._tracking = False
-        self._tie = None
+        self._ties = []
+        self._probe = None
         # auxiliary values: whether the value reached a site unchanged, or an ordinary sample was drawn
         # for the guide's transform
         self._delivered = False
@@ -263,7 +286,7 @@ class LazyWeight(torch.Tensor):
         """
         root = self.root
         root._tracking = True
-        root._tie = None
+        root._ties = []
         root._delivered = True
         if not root._guide_sampled:
             root._sample = None
@@ -312,6 +335,14 @@ class LazyWeight(torch.Tensor):
                 return _dispatch_reshape(func, *args, **kwargs)
             if func in _ADD:
                 return _dispatch_add(func, *args, **kwargs)
+            if func in _SLICE or func in _SPLIT:
+                return _dispatch_view(func, *args, **kwargs)
+            if func is F.embedding:
+                return _dispatch_embedding(*args, **kwargs)
+            if func in _CONV_TRANSPOSE:
+                return _dispatch_conv_transpose(_CONV_TRANSPOSE[func], *args, **kwargs)
+            if func is F.multi_head_attention_forward:
+                return lazy_multi_head_attention_forward(*args, **kwargs)
         except UnsupportedOperation as e:
             reason = str(e)
         else:
@@ -344,12 +375,12 @@ def _fallback_or_raise(func, args, kwargs, lazies, reason):
         lazy = strict[0]
         raise LazyWeightError(
             f"local_reparam: the weight of site {lazy.site!r} has no sampled value, and the operation {name!r} is "
-            f"not supported on it ({reason}). Use the weight only in F.linear, matmul/@ or F.conv1d/2d/3d, "
+            f"not supported on it ({reason}). Use the weight only in the supported linear ops, "
             f"{_SELECT}, or pass local_reparam(fallback=True) to draw one ordinary weight sample for such uses."
         )
     for lazy in lazies:
         root = lazy.root
-        if root._tracking and root._tie is not None and root._sample is None:
+        if root._tracking and root._ties and root._sample is None:
             raise _tied_error(lazy, name, "an ordinary weight sample cannot agree with the noise of the first use")
     for lazy in pending:
         lazy.root._guide_sampled = True
@@ -370,28 +401,88 @@ def _replace(a):
 # ----- view bookkeeping for the fallback -----
 
 
-def _tied_error(lazy, op, reason):
-    first = lazy.root._tie["op"]
+def _tied_error(lazy, op, reason, tie=None):
+    first = (tie if tie is not None else lazy.root._ties[0])["op"]
     return LazyWeightError(
         f"local_reparam: the weight of site {lazy.site!r} is used twice in one model run, by {first!r} and then "
         f"{op!r}, and the second use cannot share the first use's noise ({reason}); independent noise per use "
         "would be a different model. Tied weights are supported in F.linear and matmul/@ (also transposed) with "
-        f"inputs of the same batch shape. Otherwise give each use its own site, or {_SELECT}."
+        "inputs of the same batch shape; views of disjoint parts of a weight (slices, chunk, split) are "
+        f"independent and need no sharing. Otherwise give each use its own site, or {_SELECT}."
     )
 
 
-def _orientation(w):
-    """Whether the 2-dim lazy weight ``w`` is its site's weight (False) or its transpose (True); None if neither."""
+def _region(w):
+    """
+    The root's element (flat index) at every element of the view ``w``, in ``w``'s layout; None for the root itself
+    (all elements in the root's layout: no index tensor is built for the common case of a weight used whole).
+    """
     root = w.root
     if w is root:
-        return False if root.dim() == 2 else None
-    if root.dim() != 2 or w.dim() != 2:
         return None
-    probe = torch.arange(root.numel(), device=root.device).reshape(root.shape)
-    view = _replay_views(w, probe)
-    if torch.equal(view, probe):
-        return False
-    return True if torch.equal(view, probe.t()) else None
+    if root._probe is None:
+        root._probe = torch.arange(root.numel(), device=root.device).reshape(root.shape)
+    return _replay_views(w, root._probe)
+
+
+def _full_region(root, region):
+    if region is not None:
+        return region
+    if root._probe is None:
+        root._probe = torch.arange(root.numel(), device=root.device).reshape(root.shape)
+    return root._probe
+
+
+def _overlap(root, a, b):
+    if a is None or b is None:  # the whole weight overlaps every part of it
+        return True
+    mask = torch.zeros(root.numel(), dtype=torch.bool, device=root.device)
+    mask[a.reshape(-1)] = True
+    return bool(mask[b.reshape(-1)].any())
+
+
+def _find_use(w, op):
+    """
+    The earlier use, in this model run, of the elements of the view ``w``: ``(tie, transposed, region)``, where
+    ``tie`` is None if none of ``w``'s elements was used yet (an independent part of the weight), and
+    ``transposed`` says whether ``w`` is that use's view (False), its transpose (True), or neither (None: a
+    reshape or a partial overlap, whose noise cannot be matched).
+    """
+    root = w.root
+    region = _region(w)
+    hits = [tie for tie in root._ties if _overlap(root, tie["region"], region)]
+    if not hits:
+        return None, False, region
+    tie = hits[0]
+    if len(hits) > 1:
+        raise _tied_error(w, op, "it overlaps several earlier uses of parts of the weight", tie)
+    if tie["region"] is None and region is None:
+        return tie, False, region
+    first, region_t = _full_region(root, tie["region"]), _full_region(root, region)
+    if first.shape == region_t.shape and torch.equal(first, region_t):
+        return tie, False, region
+    if (
+        first.dim() == 2
+        and region_t.dim() == 2
+        and first.shape == region_t.shape[::-1]
+        and torch.equal(first.t(), region_t)
+    ):
+        return tie, True, region
+    return tie, None, region
+
+
+def _record_use(w, tie, region):
+    tie["region"] = region
+    w.root._ties.append(tie)
+    return tie
+
+
+def _record_untied_use(w, op, kind, reason):
+    """Records a use whose noise is not shared (a convolution, a lookup); raises if its elements were used before."""
+    tie, _, region = _find_use(w, op)
+    if tie is not None:
+        raise _tied_error(w, op, reason, tie)
+    _record_use(w, {"op": op, "kind": kind}, region)
 
 
 def _swap(t, transposed):
@@ -453,14 +544,14 @@ def _sample_like(lazy, shape, op="add"):
     if root._sample is not None:
         return lazy.materialize()
     if root._tracking:
-        tie = root._tie
+        tie, transposed, region = _find_use(lazy, op)
         if tie is None:
             sample = _draw_like(lazy, shape)
-            root._tie = {"op": op, "kind": "bias", "view": lazy, "shape": tuple(shape), "sample": sample}
+            _record_use(lazy, {"op": op, "kind": "bias", "shape": tuple(shape), "sample": sample}, region)
             return sample
-        if tie["kind"] == "bias" and tie["view"] is lazy and tie["shape"] == tuple(shape):
+        if tie["kind"] == "bias" and transposed is False and tie["shape"] == tuple(shape):
             return tie["sample"]
-        raise _tied_error(lazy, op, "a bias is shared only when added twice to outputs of the same shape")
+        raise _tied_error(lazy, op, "a bias is shared only when added twice to outputs of the same shape", tie)
     return _draw_like(lazy, shape)
 
 
@@ -523,20 +614,22 @@ def lazy_linear(x, w, bias=None, *, op="linear"):
 
 def _tracked_linear(x, w, bias, op):
     """``F.linear(x, w, bias)`` for a weight whose uses in a model run share one weight per example."""
-    root, lead, transposed = w.root, x.shape[:-1], _orientation(w)
-    tie = root._tie
+    lead = x.shape[:-1]
+    tie, transposed, region = _find_use(w, op)
     if tie is None:
-        return _first_linear(x, w, bias, op, lead, transposed)
+        # the first use of these elements; its orientation is the reference for later uses
+        return _first_linear(x, w, bias, op, lead, region)
     if tie["kind"] not in ("lrt", "flipout", "per-example", "correlated"):
-        raise _tied_error(w, op, f"the first use was not a linear op ({tie['kind']})")
-    if transposed is None or tie["transposed"] is None:
-        raise _tied_error(w, op, "a reshaped weight's noise cannot be matched across uses")
+        raise _tied_error(w, op, f"the first use was not a linear op ({tie['kind']})", tie)
+    if transposed is None:
+        raise _tied_error(w, op, "a reshaped or partly overlapping view's noise cannot be matched across uses", tie)
     if tie["lead"] != lead:
         raise _tied_error(
             w,
             op,
             f"the inputs' batch shapes differ: {tuple(tie['lead'])} and {tuple(lead)}, so uses cannot be "
             "matched example by example",
+            tie,
         )
     if tie["kind"] == "flipout":
         r, s = tie["sign_out"], tie["sign_in"]  # in the site's orientation
@@ -556,9 +649,12 @@ def _add_plain(out, bias):
     return out if bias is None else out + bias
 
 
-def _first_linear(x, w, bias, op, lead, transposed):
-    """The first use of a weight in a model run: draws its noise explicitly and records it on the site's root."""
-    loc = w.loc
+def _first_linear(x, w, bias, op, lead, region):
+    """
+    The first use of (a part of) a weight in a model run: draws its noise explicitly and records it on the site's
+    root, in this use's orientation (the reference for later uses).
+    """
+    loc, transposed = w.loc, False
     tie = {"op": op, "lead": lead, "transposed": transposed}
     if w.is_correlated:
         noise = torch.randn(lead + w.noise_scale.shape, dtype=x.dtype, device=x.device)
@@ -581,7 +677,7 @@ def _first_linear(x, w, bias, op, lead, transposed):
         if transposed:
             sign_in, sign_out = sign_out, sign_in
         tie.update(kind="flipout", perturbation=_swap(perturbation, transposed), sign_in=sign_in, sign_out=sign_out)
-    w.root._tie = tie
+    _record_use(w, tie, region)
     return out
 
 
@@ -646,23 +742,26 @@ def lazy_conv(nd, x, w, bias=None, stride=1, padding=0, dilation=1, groups=1):
 
     :rtype: torch.Tensor
     """
-    _check_weight(w, nd + 2, f"conv{nd}d")
-    if isinstance(x, LazyWeight):
-        raise UnsupportedOperation("both operands are lazy")
     conv = (F.conv1d, F.conv2d, F.conv3d)[nd - 1]
     kw = dict(stride=stride, padding=padding, dilation=dilation, groups=groups)
+    return _lazy_conv_any(conv, conv_correlated, f"conv{nd}d", nd, x, w, bias, kw)
+
+
+def _lazy_conv_any(conv, correlated, op, nd, x, w, bias, kw):
+    """A sample of ``conv(x, W, bias, **kw)`` for a convolution or a transposed convolution (``conv``)."""
+    _check_weight(w, nd + 2, op)
+    if isinstance(x, LazyWeight):
+        raise UnsupportedOperation("both operands are lazy")
     unbatched = x.dim() == nd + 1
     if unbatched:
         x = x.unsqueeze(0)
-    root, op = w.root, f"conv{nd}d"
+    root = w.root
     if root._tracking and (w.is_correlated or w.estimator != MEAN) and root._sample is None:
-        if root._tie is not None:
-            raise _tied_error(w, op, "a convolution's noise is not shared with other uses")
-        root._tie = {"op": op, "kind": "conv"}
+        _record_untied_use(w, op, "conv", "a convolution's noise is not shared with other uses")
     if root._sample is not None:  # an ordinary sample was drawn (fallback=True): every use sees it
         out = conv(x, w.materialize(), None, **kw)
     elif w.is_correlated:
-        out = conv_correlated(conv, x, w.loc, w.noise_scale, **kw)
+        out = correlated(conv, x, w.loc, w.noise_scale, **kw)
     elif w.estimator == MEAN:
         out = conv_mean(conv, x, w.loc, **kw)
     elif w.estimator == PER_EXAMPLE:
@@ -696,4 +795,241 @@ def _dispatch_conv(nd, *args, **kwargs):
     return lazy_conv(nd, x, w, **bound)
 
 
-__all__ = ["ESTIMATORS", "LazyWeight", "LazyWeightError", "UnsupportedOperation", "lazy_conv", "lazy_linear"]
+# ----- views: slices of a weight -----
+
+
+def _basic_index(index):
+    parts = index if isinstance(index, tuple) else (index,)
+    return all(p is None or p is Ellipsis or isinstance(p, (int, slice)) for p in parts)
+
+
+def _dispatch_view(func, self, *args, **kwargs):
+    if not isinstance(self, LazyWeight) or any(isinstance(a, LazyWeight) for a in _flat(args, kwargs)):
+        raise UnsupportedOperation("only the weight itself may be sliced, by indices that are not lazy")
+    if self.is_correlated:
+        raise UnsupportedOperation(
+            "a slice of a weight with correlated noise would share noise variables with the other slices"
+        )
+    if func is torch.Tensor.__getitem__ and not _basic_index(args[0]):
+        # advanced indexing: a view is a Gaussian with independent elements only if no element is picked twice
+        picked = torch.arange(self.numel(), device=self.device).reshape(self.shape)[args[0]]
+        if picked.unique().numel() != picked.numel():
+            raise UnsupportedOperation("an index that picks an element twice makes a view with dependent elements")
+    if func in (torch.Tensor.index_select, torch.index_select):
+        index = kwargs["index"] if "index" in kwargs else args[1]
+        if index.unique().numel() != index.numel():
+            raise UnsupportedOperation("an index that picks a slice twice makes a view with dependent elements")
+    if func in _SPLIT:
+        with torch._C.DisableTorchFunctionSubclass():
+            count = len(func(self, *args, **kwargs))
+        return tuple(_view(self, lambda t, i=i: func(t, *args, **kwargs)[i]) for i in range(count))
+    return _view(self, lambda t: func(t, *args, **kwargs))
+
+
+# ----- F.embedding -----
+
+
+def lazy_embedding(indices, w, padding_idx=None, *, op="embedding"):
+    r"""
+    A sample of ``F.embedding(indices, W)`` for a lazy weight ``W`` of shape ``(rows, dim)``: one weight per
+    example, where the examples are dim 0 of ``indices`` (``(batch, length)`` token ids: a sequence is an
+    example; every index of a 1-dim ``indices`` is an example), sampled only at the rows the example looks up.
+    A row that an example looks up twice is one draw, so the result is exactly that of
+    ``F.embedding(indices[n], W_n)`` with :math:`W_n \sim q` for every example :math:`n`:
+
+    - ``"lrt"`` and ``"per-example"``: :math:`\mu_r + \sigma_r \odot \epsilon_{n,r}` for the looked-up rows
+      :math:`r` (the looked-up rows are the pre-activations, so the LRT and a weight per example coincide);
+    - ``"flipout"``: :math:`\mu_r + \Delta W_r \odot r_{n,r} s_n` with one perturbation per call and random
+      signs per example and row (:math:`r`) and per example and column (:math:`s`);
+    - correlated noise: :math:`\mu_r \odot \xi` with :math:`\xi \sim \mathcal{N}(1, \alpha)` per example and
+      row (column, layer);
+    - ``"mean"``: :math:`\mu_r`.
+
+    For sequence-first indices ``(length, batch)``, transpose them first (``embedding(tokens.t())``): dim 0 is
+    the example. ``padding_idx`` stops the gradient of the padding row's lookups, as in torch.
+
+    :param torch.Tensor indices: Integer indices of any shape.
+    :param LazyWeight w: The lazy weight.
+    :param int padding_idx: The padding row, or None.
+    :rtype: torch.Tensor
+    """
+    _check_weight(w, 2, op)
+    if isinstance(indices, LazyWeight):
+        raise UnsupportedOperation("the indices cannot be lazy")
+    if indices.dtype not in (torch.int32, torch.int64):
+        raise UnsupportedOperation(f"indices must be int64 or int32, got {indices.dtype}")
+    root = w.root
+    if root._sample is not None:  # an ordinary sample was drawn (fallback=True): every use sees it
+        return F.embedding(indices, w.materialize(), padding_idx)
+    if root._tracking and (w.is_correlated or w.estimator != MEAN):
+        _record_untied_use(w, op, "embedding", "an embedding lookup's noise is not shared with other uses")
+    indices = indices.long()
+    if w.is_correlated:
+        out = embedding_correlated(indices, w.loc, w.noise_scale)
+    elif w.estimator == MEAN:
+        out = embedding_mean(indices, w.loc)
+    elif w.estimator == FLIPOUT:
+        out = embedding_flipout(indices, w.loc, w.scale)
+    else:
+        out = embedding_per_example(indices, w.loc, w.scale)
+    if padding_idx is not None:
+        pad = padding_idx if padding_idx >= 0 else w.shape[0] + padding_idx
+        out = torch.where((indices == pad).unsqueeze(-1), out.detach(), out)
+    return out
+
+
+_EMBEDDING_ARGS = ("input", "weight", "padding_idx", "max_norm", "norm_type", "scale_grad_by_freq", "sparse")
+
+
+def _bind(names, op, args, kwargs):
+    bound = dict(zip(names, args))
+    for k, v in kwargs.items():
+        if k not in names or k in bound:
+            raise UnsupportedOperation(f"unexpected keyword argument {k!r} of {op}")
+        bound[k] = v
+    return bound
+
+
+def _dispatch_embedding(*args, **kwargs):
+    bound = _bind(_EMBEDDING_ARGS, "F.embedding", args, kwargs)
+    x, w = bound["input"], bound["weight"]
+    if not isinstance(w, LazyWeight):
+        raise UnsupportedOperation("the indices of F.embedding cannot be lazy")
+    if bound.get("max_norm") is not None:
+        raise UnsupportedOperation(
+            "max_norm renormalizes the weight's rows in place; a weight that is never sampled has none"
+        )
+    if bound.get("scale_grad_by_freq"):
+        raise UnsupportedOperation("scale_grad_by_freq is not supported")
+    if bound.get("sparse"):
+        raise UnsupportedOperation("sparse gradients are not supported (the gradients reach the guide's parameters)")
+    return lazy_embedding(x, w, bound.get("padding_idx"))
+
+
+# ----- F.conv_transpose1d/2d/3d -----
+
+
+def lazy_conv_transpose(nd, x, w, bias=None, stride=1, padding=0, output_padding=0, groups=1, dilation=1):
+    r"""
+    A sample of ``F.conv_transpose{nd}d(x, W, bias, stride, padding, output_padding, groups, dilation)`` for a
+    lazy weight ``W`` of shape ``(in, out/groups, *kernel)``: :math:`\gamma = \mathrm{conv^T}(x, \mu)`,
+    :math:`\delta = \mathrm{conv^T}(x^2, \sigma^2)` (LRT: independent noise per output element, every output's
+    marginal exact), Flipout with signs per example and channel, an explicit weight per example, or correlated
+    noise per example and input (output) channel.
+
+    :rtype: torch.Tensor
+    """
+    conv = (F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d)[nd - 1]
+    kw = dict(stride=stride, padding=padding, output_padding=output_padding, dilation=dilation, groups=groups)
+    return _lazy_conv_any(conv, conv_transpose_correlated, f"conv_transpose{nd}d", nd, x, w, bias, kw)
+
+
+_CONV_TRANSPOSE_ARGS = ("input", "weight", "bias", "stride", "padding", "output_padding", "groups", "dilation")
+
+
+def _dispatch_conv_transpose(nd, *args, **kwargs):
+    bound = _bind(_CONV_TRANSPOSE_ARGS, f"conv_transpose{nd}d", args, kwargs)
+    x, w = bound.pop("input"), bound.pop("weight")
+    if not isinstance(w, LazyWeight):
+        b = bound.pop("bias", None)
+        if isinstance(b, LazyWeight) and not isinstance(x, LazyWeight):
+            conv = (F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d)[nd - 1]
+            out = conv(x if x.dim() == nd + 2 else x.unsqueeze(0), w, None, **bound)
+            out = _add_bias(out, b, 1)
+            return out if x.dim() == nd + 2 else out.squeeze(0)
+        raise UnsupportedOperation("the input of a transposed convolution cannot be lazy")
+    return lazy_conv_transpose(nd, x, w, **bound)
+
+
+# ----- F.multi_head_attention_forward -----
+
+_MHA_SIGNATURE = inspect.signature(F.multi_head_attention_forward)
+_MHA_PLAIN = ("query", "key", "value", "bias_k", "bias_v", "attn_mask", "key_padding_mask", "static_k", "static_v")
+
+
+def lazy_multi_head_attention_forward(*args, **kwargs):
+    r"""
+    ``F.multi_head_attention_forward`` (what :class:`~torch.nn.MultiheadAttention` calls) with lazy projection
+    weights or biases: the input projections are computed as torch computes them (self-attention: one
+    ``F.linear`` of the packed ``in_proj_weight``; otherwise its ``split``/``chunk`` slices, or the separate
+    ``q/k/v_proj_weight``), each a sample from the lazy weight's estimator with independent noise per token
+    (every leading index of a linear op's input is an example); the attention itself is torch's own code, called
+    with the projected values and identity projections (exact: three extra :math:`E \times E` matmuls); the
+    output projection is a lazy ``F.linear`` again. Lazy queries, keys, values, masks, ``bias_k``/``bias_v`` or
+    static keys raise.
+
+    :returns: ``(attn_output, attn_output_weights)``, as torch.
+    """
+    try:
+        bound = _MHA_SIGNATURE.bind(*args, **kwargs)
+    except TypeError as e:
+        raise UnsupportedOperation(f"F.multi_head_attention_forward: {e}") from e
+    bound.apply_defaults()
+    p = bound.arguments
+    for name in _MHA_PLAIN:
+        if isinstance(p[name], LazyWeight):
+            raise UnsupportedOperation(f"a lazy {name}")
+    query, key, value, embed_dim = p["query"], p["key"], p["value"], p["embed_dim_to_check"]
+    b = p["in_proj_bias"]
+    if not p["use_separate_proj_weight"]:
+        w = p["in_proj_weight"]
+        if w is None:
+            raise UnsupportedOperation("use_separate_proj_weight is False but in_proj_weight is None")
+        if key is value and query is key:  # self-attention: one projection of the packed weight
+            q, k, v = F.linear(query, w, b).chunk(3, dim=-1)
+        elif key is value:
+            w_q, w_kv = w.split([embed_dim, 2 * embed_dim])
+            b_q, b_kv = (None, None) if b is None else b.split([embed_dim, 2 * embed_dim])
+            q = F.linear(query, w_q, b_q)
+            k, v = F.linear(key, w_kv, b_kv).chunk(2, dim=-1)
+        else:
+            w_q, w_k, w_v = w.chunk(3)
+            b_q, b_k, b_v = (None, None, None) if b is None else b.chunk(3)
+            q, k, v = F.linear(query, w_q, b_q), F.linear(key, w_k, b_k), F.linear(value, w_v, b_v)
+    else:
+        b_q, b_k, b_v = (None, None, None) if b is None else b.chunk(3)
+        q = F.linear(query, p["q_proj_weight"], b_q)
+        k = F.linear(key, p["k_proj_weight"], b_k)
+        v = F.linear(value, p["v_proj_weight"], b_v)
+    eye = torch.eye(embed_dim, dtype=q.dtype, device=q.device)
+    out, weights = F.multi_head_attention_forward(
+        q,
+        k,
+        v,
+        embed_dim,
+        p["num_heads"],
+        None,
+        None,
+        p["bias_k"],
+        p["bias_v"],
+        p["add_zero_attn"],
+        p["dropout_p"],
+        eye,
+        None,
+        training=p["training"],
+        key_padding_mask=p["key_padding_mask"],
+        need_weights=p["need_weights"],
+        attn_mask=p["attn_mask"],
+        is_causal=p["is_causal"],
+        use_separate_proj_weight=True,
+        q_proj_weight=eye,
+        k_proj_weight=eye,
+        v_proj_weight=eye,
+        static_k=p["static_k"],
+        static_v=p["static_v"],
+        average_attn_weights=p["average_attn_weights"],
+    )
+    return F.linear(out, p["out_proj_weight"], p["out_proj_bias"]), weights
+
+
+__all__ = [
+    "ESTIMATORS",
+    "LazyWeight",
+    "LazyWeightError",
+    "UnsupportedOperation",
+    "lazy_conv",
+    "lazy_conv_transpose",
+    "lazy_embedding",
+    "lazy_linear",
+    "lazy_multi_head_attention_forward",
+]

@@ -31,7 +31,8 @@ class LocalReparamMessenger(Messenger):
     :class:`~pyro_vdrop.distributions.CorrelatedVariationalDropoutNormal`, optionally
     ``.to_event(n)`` — gets no sampled value. Its value is a
     :class:`~pyro_vdrop.poutine.LazyWeight` carrying the Gaussian; when the model feeds it to
-    ``F.linear``, ``@``/``matmul`` or ``F.conv1d/2d/3d`` the op returns a sample of the output
+    ``F.linear``, ``@``/``matmul``, ``F.conv1d/2d/3d`` or ``F.conv_transpose1d/2d/3d`` (also through slices of the
+    weight and ``F.multi_head_attention_forward``) the op returns a sample of the output
 
     .. math::
 
@@ -40,7 +41,8 @@ class LocalReparamMessenger(Messenger):
 
     whose noise is independent across the examples of a minibatch, so the variance of the
     ELBO gradient falls as :math:`1/M` [1, §2] at the cost of two matmuls and :math:`M \times J`
-    normals. Correlated (dropout "A") noise is drawn exactly as :math:`\xi \sim \mathcal{N}(1, \alpha)`
+    normals. ``F.embedding`` returns the looked-up rows of one weight sample per example (dim 0 of the
+    indices). Correlated (dropout "A") noise is drawn exactly as :math:`\xi \sim \mathcal{N}(1, \alpha)`
     on the op's inputs (outputs), once per example.
 
     **ELBO accounting.** The guide runs first: its site gets the lazy value and a zero log-density.

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 
 from .estimators import FLIPOUT, LRT, MEAN, PER_EXAMPLE
 from .lazy_ops import _rademacher, linear_correlated, linear_flipout
-from .lazy_weight import LazyWeight, LazyWeightError, _draw_like, _tied_error
+from .lazy_weight import LazyWeight, LazyWeightError, _draw_like, _record_untied_use
 
 #: The estimators that :class:`PerSequenceWeight` runs exactly for a weight with independent noise (a weight with
 #: correlated noise is exact under every estimator).
@@ -71,10 +71,11 @@ class PerSequenceWeight:
         if root._sample is not None:  # an ordinary sample was drawn (fallback=True, or the guide's transform)
             self.tensor = weight.materialize()
             return
+        tie = None
         if root._tracking:
-            if root._tie is not None:
-                raise _tied_error(weight, op, "a recurrent layer's per-sequence noise is not shared with other uses")
-            root._tie = {"op": op, "kind": "recurrent"}
+            reason = "a recurrent layer's per-sequence noise is not shared with other uses"
+            _record_untied_use(weight, op, "recurrent", reason)
+            tie = root._ties[-1]
         loc = weight.loc
         self.tensor = loc
         if weight.dim() == 1:  # a bias: one sample per sequence, any estimator but "mean"
@@ -105,7 +106,8 @@ class PerSequenceWeight:
                 self.batch_shape + loc.shape, dtype=loc.dtype, device=loc.device
             )
         elif weight.fallback:
-            root._tie = None
+            if tie is not None:
+                root._ties.remove(tie)  # one ordinary sample for every use instead
             self.tensor = weight.materialize()
         else:
             assert weight.estimator == LRT
