@@ -12,23 +12,23 @@ from torch import nn
 
 from pyro_vdrop.infer import AutoVariationalDropout
 from pyro_vdrop.nn import bayesianize
-from pyro_vdrop.poutine import local_reparam
+from pyro_vdrop.poutine import LazyWeightError, local_reparam
 
 VOCAB, EMBED, CLASSES, LENGTH = 12, 8, 3, 5
 
 
 class SequenceNet(nn.Module):
-    """Embedding -> (more sequence layers) -> MultiheadAttention -> Linear, on (batch, length) token ids."""
+    """Embedding -> LSTM -> MultiheadAttention -> Linear, on (batch, length) token ids."""
 
     def __init__(self):
         super().__init__()
         self.embed = nn.Embedding(VOCAB, EMBED)
-        # further sequence layers (e.g. an nn.LSTM(EMBED, EMBED, batch_first=True)) go here and in forward
+        self.lstm = nn.LSTM(EMBED, EMBED, batch_first=True)
         self.attn = nn.MultiheadAttention(EMBED, 2, batch_first=True)
         self.head = nn.Linear(EMBED, CLASSES)
 
     def forward(self, tokens):
-        h = self.embed(tokens)
+        h, _ = self.lstm(self.embed(tokens))
         a, _ = self.attn(h, h, h, need_weights=False)
         return self.head((h + a).mean(1))
 
@@ -36,6 +36,8 @@ class SequenceNet(nn.Module):
 #: the random sites of SequenceNet, in module order, and the shapes of their weights
 SEQUENCE_SITES = {
     "embed.weight": (VOCAB, EMBED),
+    "lstm.weight_ih_l0": (4 * EMBED, EMBED),
+    "lstm.weight_hh_l0": (4 * EMBED, EMBED),
     "attn.in_proj_weight": (3 * EMBED, EMBED),
     "attn.out_proj.weight": (EMBED, EMBED),
     "head.weight": (CLASSES, EMBED),
@@ -59,7 +61,10 @@ def test_sequence_model_weights_are_random_and_train_under_local_reparam():
     torch.testing.assert_close(tr.nodes["_RETURN"]["value"], net(x))  # the same network with its own weights
     guide = AutoVariationalDropout(model, parameterization="additive")  # sparse VD
     svi = SVI(model, guide, pyro.optim.Adam({"lr": 0.03}), TraceMeanField_ELBO())
-    with local_reparam():
+    with local_reparam():  # LRT per time step is not the model of a recurrent weight: it raises, naming the site
+        with pytest.raises(LazyWeightError, match="lstm.weight_ih_l0"):
+            svi.step(x, y)
+    with local_reparam(estimator="flipout"):  # exact for every layer here: per-sequence signs for the LSTM
         losses = [svi.step(x, y) for _ in range(60)]
     assert all(torch.isfinite(torch.tensor(losses)))
     assert sum(losses[-10:]) < 0.5 * sum(losses[:10]), (losses[:10], losses[-10:])
