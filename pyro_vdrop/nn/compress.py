@@ -6,6 +6,7 @@ plain data with optional packed sparse storage of its weights, and :func:`load_c
 """
 
 import io
+import math
 import os
 from collections import OrderedDict
 from pathlib import Path
@@ -540,7 +541,14 @@ def _check_args(layer: dict, index: int) -> None:
             raise ValueError(f"{where}: argument {k!r} must be a number, string, bool or list of them, got {v!r}")
 
 
-def load_compressed(path: str | os.PathLike, *, map_location=None) -> nn.Sequential:
+#: The most weight entries that :func:`load_compressed` unpacks from sparse storage by default (a guard against a
+#: small file that declares a huge, all-zero layer).
+MAX_UNPACKED_ELEMENTS = 10**9
+
+
+def load_compressed(
+    path: str | os.PathLike, *, map_location=None, max_unpacked_elements: int = MAX_UNPACKED_ELEMENTS
+) -> nn.Sequential:
     """
     Rebuilds the network of a :func:`save_compressed` file, reading it with ``torch.load(weights_only=True)``: a
     file from a stranger cannot run code. The layers are built on the ``meta`` device and checked against the
@@ -548,6 +556,7 @@ def load_compressed(path: str | os.PathLike, *, map_location=None) -> nn.Sequent
 
     :param path: The file.
     :param map_location: As for :func:`torch.load` (default: where the tensors were saved, i.e. the CPU).
+    :param int max_unpacked_elements: The most weight entries the sparse-stored weights may expand to.
     :returns: the network, in eval mode.
     :rtype: torch.nn.Sequential
     :raises ValueError: for a file that is not of this format, of another version, or malformed (the message
@@ -586,7 +595,15 @@ def load_compressed(path: str | os.PathLike, *, map_location=None) -> nn.Sequent
             if not torch.is_tensor(value):
                 raise ValueError(f"state[{key!r}] is not a tensor")
             tensors[key] = value
+        declared = 0
         for key, value in packed.items():
+            shape = value.get("shape") if isinstance(value, dict) else None
+            declared += math.prod(shape) if isinstance(shape, list) and all(isinstance(v, int) for v in shape) else 0
+            if declared > max_unpacked_elements:
+                raise ValueError(
+                    f"the sparse weights expand to more than max_unpacked_elements={max_unpacked_elements:,} entries; "
+                    "raise it if you trust the file"
+                )
             if key in tensors:
                 raise ValueError(f"{key!r} is both in 'state' and in 'packed'")
             tensors[key] = _unpack(value, key)
@@ -601,7 +618,7 @@ def load_compressed(path: str | os.PathLike, *, map_location=None) -> nn.Sequent
             device=floats[0].device if floats else "cpu",
             dtype=floats[0].dtype if floats else torch.get_default_dtype(),
         )
-    except (ValueError, TypeError, RuntimeError) as e:
+    except (ValueError, TypeError, RuntimeError, KeyError) as e:
         raise ValueError(f"{path}: malformed pyro_vdrop.nn.save_compressed file: {e}") from e
 
 
@@ -609,6 +626,7 @@ __all__ = [
     "COMPRESSED_FORMAT",
     "COMPRESSED_VERSION",
     "COMPRESSIBLE_LAYERS",
+    "MAX_UNPACKED_ELEMENTS",
     "SelectInputs",
     "compress",
     "compressed_bytes",

@@ -84,7 +84,11 @@ def export_run(
     in_progress = run_in_progress(run_dir)
     session, _ = open_run(run_dir, device="cpu")
     dense = prune(session.model, session.guide, threshold=threshold).eval()
-    exported_bytes = len(data := compressed_bytes(compress(dense), sparse=sparse))
+    try:
+        small = compress(dense)
+    except TypeError as e:
+        raise RunError(f"the network of {run_dir} cannot be compressed: {e}") from e
+    exported_bytes = len(data := compressed_bytes(small, sparse=sparse))
     atomic_write(out, lambda f: f.write(data), binary=True)
     exported = load_compressed(out)
     x, y = session.x_test, session.y_test

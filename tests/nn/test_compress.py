@@ -308,6 +308,8 @@ def _set_packed_col(record):
         (lambda r: r["packed"]["fc1.weight"].update(crow=torch.zeros(3, dtype=torch.int32)), "row pointers"),
         (lambda r: r["state"]["select_inputs.index"].fill_(99), "select_inputs.index must be"),
         (lambda r: r.update(layers=[]), "'layers' must be a non-empty list"),
+        (lambda r: _fc1(r).update(name="training"), "malformed"),
+        (lambda r: r["packed"]["fc1.weight"].update(shape=[10**6, 10**6]), "max_unpacked_elements"),
     ],
 )
 def test_malformed_files_name_the_problem(tmp_path, change, message):
