@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from pyro_vdrop.cli import main
-from pyro_vdrop.train import CHECKPOINT_FILE, LOCK_FILE, load_checkpoint, save_checkpoint
+from pyro_vdrop.nn import compress, count_parameters, layer_widths, load_compressed, prune
+from pyro_vdrop.train import CHECKPOINT_FILE, LOCK_FILE, load_checkpoint, open_run, save_checkpoint
 
 TINY = ["--model", "mlp", "--width", "16", "--train-subset", "120", "--test-subset", "60", "--batch-size", "40"]
 TINY += ["--kl-warmup", "1", "--pretrain-epochs", "0", "--no-progress"]
@@ -125,15 +126,60 @@ def test_report(run_dir, capsys):
     assert main(["report", "--run", str(run_dir), "--max-units", "9"]) == 0
     assert "report.md" in capsys.readouterr().out
     text = (run_dir / "report.md").read_text()
-    for name in ("log_alpha_hist.png", "curves.png", "first_layer_masks.png"):
+    for name in ("log_alpha_hist.png", "curves.png", "first_layer_masks.png", "input_mask.png"):
         assert name in text
         assert (run_dir / name).read_bytes()[:4] == b"\x89PNG"
+    # the units kept per layer are those of the exported network
+    session, _ = open_run(run_dir)
+    kept = layer_widths(compress(prune(session.model, session.guide)))
+    assert "| `input` | 784 |" in text and "| `fc1` | 16 |" in text
+    assert f"784-16-16-16-10 → {'-'.join(map(str, kept))}" in text
 
 
 def test_report_without_matplotlib(run_dir, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # makes `import matplotlib` raise ImportError
     assert main(["report", "--run", str(run_dir)]) == 2
     assert "pip install 'pyro-vdrop[plot]'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("threshold", ["3", "-3"])
+def test_export(run_dir, tmp_path, capsys, threshold):
+    out = tmp_path / "model.pt"
+    before = _files(run_dir)
+    assert main(["export", "--run", str(run_dir), "--out", str(out), "--threshold", threshold]) == 0
+    printed = capsys.readouterr().out
+    assert _files(run_dir) == before  # the run is only read
+    session, _ = open_run(run_dir)
+    masked = prune(session.model, session.guide, threshold=float(threshold)).eval()
+    exported = load_compressed(out)
+    x = session.x_test
+    with torch.no_grad():
+        assert torch.allclose(exported(x), masked(x), atol=1e-5)
+    widths = layer_widths(exported)
+    assert f"784-16-16-16-10  {'-'.join(map(str, widths))}" in printed
+    assert f"{count_parameters(exported):,}" in printed and "CPU latency, batch 100" in printed
+    assert f"{out.stat().st_size / 1e3:.1f} kB" in printed
+    if threshold == "-3":  # most first-layer weights pruned: inputs go
+        assert count_parameters(exported) < count_parameters(masked)
+    assert torch.load(out, weights_only=True)["format"] == "pyro-vdrop-compressed"
+
+    sparse = tmp_path / "sparse.pt"
+    assert main(["export", "--run", str(run_dir), "--out", str(sparse), "--sparse", "--threshold", threshold]) == 0
+    capsys.readouterr()
+    with torch.no_grad():
+        assert torch.equal(load_compressed(sparse)(x), exported(x))
+    if threshold == "-3":
+        assert sparse.stat().st_size < out.stat().st_size
+
+
+def test_export_errors(run_dir, tmp_path, capsys):
+    assert main(["export", "--run", str(run_dir), "--out", str(tmp_path / "no" / "model.pt")]) == 2
+    assert "the folder" in capsys.readouterr().err and not (tmp_path / "no").exists()
+    assert main(["export", "--run", str(tmp_path / "nowhere"), "--out", str(tmp_path / "m.pt")]) == 2
+    assert "no such directory" in capsys.readouterr().err and not (tmp_path / "m.pt").exists()
+    with pytest.raises(SystemExit):
+        main(["export", "--run", str(run_dir)])
+    assert "--out" in capsys.readouterr().err
 
 
 def test_killed_process_resumes_to_the_same_parameters(tmp_path):

@@ -89,6 +89,24 @@ def _check_uncertainty(out):
     assert "the reloaded pruned network gives the same logits: True" in out
 
 
+def _check_compress(out):
+    widths = re.search(r"^units: masked ([\d-]+), compressed ([\d-]+)$", out, re.M)
+    masked, small = ([int(v) for v in w.split("-")] for w in widths.groups())
+    assert len(masked) == len(small) and all(0 < s <= m for s, m in zip(small, masked)), (masked, small)
+    assert masked[-1] == small[-1] == 10  # the classes are never removed
+    assert sum(small) < sum(masked)  # smoke mode prunes at log α > -3: units and inputs go
+    kept, total = _find(r"compressed network: NUMBER parameters of NUMBER", out.replace(",", ""))
+    assert kept < total
+    masked_error, compressed_error = _find(r"test error: masked NUMBER%, compressed NUMBER%", out)
+    assert masked_error == compressed_error  # log α > -3 in smoke mode prunes too much to beat chance
+    assert _find(r"largest logit difference NUMBER", out)[0] < 1e-4
+    sizes = [row[0] for row in _find(r"^(?:masked|compressed)[a-z, ]*\s+NUMBER kB$", out, 3)]
+    assert sizes[1] <= sizes[0] * 1.001 and sizes[2] <= sizes[1] * 1.001, sizes
+    assert "the reloaded network gives the same logits: True" in out
+    for row in _find(r"^\s+(?:1|100)\s+NUMBER\s+NUMBER$", out, 2):
+        assert all(v > 0 for v in row)
+
+
 def _check_sequences(out):
     assert _find(r"pretrained LSTM: test accuracy NUMBER%", out)[0] > 15  # 6 smoke epochs of 3 steps; chance 10%
     assert _find(r"pruned network: test accuracy NUMBER%", out)[0] > 15
@@ -119,6 +137,7 @@ CHECKS = {
     "03_sparse_mnist": _check_sparse_mnist,
     "04_arviz": _check_arviz,
     "05_uncertainty": _check_uncertainty,
+    "06_compress": _check_compress,
     "07_sequences": _check_sequences,
     "08_attention": _check_attention,
 }

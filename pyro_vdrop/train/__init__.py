@@ -33,7 +33,7 @@ The package keeps one concern per module: :mod:`~pyro_vdrop.train.config` (the c
 :mod:`~pyro_vdrop.train.components` (data, network, model, guide), :mod:`~pyro_vdrop.train.run_dir` (atomic
 files, metrics, the lock), :mod:`~pyro_vdrop.train.checkpoint` (plain-data checkpoints),
 :mod:`~pyro_vdrop.train.session` (the live objects of a run),
-:mod:`~pyro_vdrop.train.loop` (:func:`fit`), :mod:`~pyro_vdrop.train.evaluation`,
+:mod:`~pyro_vdrop.train.loop` (:func:`fit`), :mod:`~pyro_vdrop.train.evaluation`, :mod:`~pyro_vdrop.train.export`,
 :mod:`~pyro_vdrop.train.distributed` and :mod:`~pyro_vdrop.train.report`.
 
 **References**
@@ -75,6 +75,7 @@ from pyro_vdrop.train.evaluation import (
     pruned_params,
     sparsity_stats,
 )
+from pyro_vdrop.train.export import export_run
 from pyro_vdrop.train.loop import check_batch_size, fit
 from pyro_vdrop.train.report import write_report
 from pyro_vdrop.train.run_dir import (
@@ -132,6 +133,7 @@ __all__ = [
     "environment",
     "estimator_handler",
     "evaluate",
+    "export_run",
     "fit",
     "kl_weight",
     "launch",

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from pyro_vdrop.nn import SelectInputs, compress, layer_widths, prune
 from pyro_vdrop.train.config import PRUNE_THRESHOLD
 from pyro_vdrop.train.errors import RunError
 from pyro_vdrop.train.evaluation import check_threshold, open_run, posterior, sparsity_stats
@@ -100,6 +101,44 @@ def plot_masks(plt, name: str, theta: torch.Tensor, log_alpha: torch.Tensor, thr
             ax.imshow(masks[order[i]].numpy(), cmap="gray", vmin=0, vmax=1, interpolation="nearest")
     fig.suptitle(f"{name}: kept weights (white), {n} units with most kept", fontsize=9)
     return fig, caption
+
+
+def unit_table(model, guide, threshold: float) -> dict | None:
+    """
+    The units kept per layer: the pruned network (:func:`~pyro_vdrop.nn.prune`) with its dead units removed
+    (:func:`~pyro_vdrop.nn.compress`), as ``{"layers": [names of the weighted layers], "widths": [...],
+    "kept": [...], "input_mask": bool tensor of the inputs the first layer still reads}``; None when the network
+    is not one that :func:`~pyro_vdrop.nn.compress` handles.
+    """
+    dense = prune(model, guide, threshold=threshold).eval()
+    try:
+        small = compress(dense)
+    except TypeError:
+        return None
+    widths = layer_widths(dense)
+    mask = torch.ones(widths[0], dtype=torch.bool)
+    select = next((m for m in small.children() if isinstance(m, SelectInputs)), None)
+    if select is not None:
+        mask = torch.zeros(widths[0], dtype=torch.bool)
+        mask[select.index.cpu()] = True
+    layers = [
+        n for n, m in dense.named_children() if isinstance(m, (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d))
+    ]
+    return {"layers": layers, "widths": widths, "kept": layer_widths(small), "input_mask": mask}
+
+
+def plot_input_mask(plt, mask: torch.Tensor):
+    """Figure 6: the inputs that the exported network's first layer still reads (white), as a square image (28 × 28
+    for MNIST pixels); None when the number of inputs is not a square."""
+    side = math.isqrt(mask.numel())
+    if side * side != mask.numel() or side < 2:
+        return None
+    fig, ax = plt.subplots(figsize=(3.2, 3.4))
+    ax.imshow(mask.reshape(side, side).numpy(), cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+    ax.set_title(f"inputs read: {int(mask.sum())} of {mask.numel()}", fontsize=9)
+    ax.axis("off")
+    fig.tight_layout()
+    return fig
 
 
 #: The variants of a reliability diagram in ``evaluation.json`` and their labels.
@@ -283,7 +322,8 @@ def report_markdown(session, state: dict, stats: dict, *, run_name: str, thresho
     """
     The text of ``report.md``: the run in one sentence, a table of its figures, one row per layer, the figures and
     the configuration. ``extra`` holds ``evaluation`` (``evaluation.json`` or None), ``in_progress`` (the lock's
-    holder or None), ``mask_caption`` (None when there is no mask figure), and ``reliability_figure`` /
+    holder or None), ``mask_caption`` (None when there is no mask figure), ``units`` (:func:`unit_table`
+    or None), ``input_mask_figure`` (whether that figure was drawn), and ``reliability_figure`` /
     ``entropy_figure`` (whether those figures were drawn).
     """
     config, history = session.config, state["history"]
@@ -317,6 +357,18 @@ def report_markdown(session, state: dict, stats: dict, *, run_name: str, thresho
     text.write("## Layers\n\n| site | weights | kept | pruned |\n|---|---|---|---|\n")
     for name, layer in stats["layers"].items():
         text.write(f"| `{name}` | {layer['weights']:,} | {layer['kept']:,} | {100 * layer['sparsity']:.2f} % |\n")
+    units = extra.get("units")
+    if units is not None:
+        text.write(
+            "\n## Units kept\n\nThe pruned network with every unit that no kept weight connects removed (what "
+            "`pyro-vdrop export` writes); the first row counts the inputs the first layer reads.\n\n"
+            "| layer | units | kept |\n|---|---|---|\n"
+        )
+        for name, width, kept in zip(["input", *units["layers"]], units["widths"], units["kept"]):
+            text.write(f"| `{name}` | {width:,} | {kept:,} |\n")
+        text.write(f"\n{'-'.join(map(str, units['widths']))} → {'-'.join(map(str, units['kept']))}.\n")
+        if extra.get("input_mask_figure"):
+            text.write(f"\n![input mask]({REPORT_FIGURES[5]})\n\nThe inputs (pixels) the first layer still reads.\n")
     text.write("\n## Figures\n\n")
     text.write(f"![log alpha per layer]({REPORT_FIGURES[0]})\n\n![curves]({REPORT_FIGURES[1]})\n\n")
     if extra.get("mask_caption") is not None:
@@ -384,7 +436,9 @@ def write_report(run_dir: str | os.PathLike, *, max_units: int = 100, threshold:
     r"""
     Writes ``report.md`` and its figures into ``run_dir``: a histogram of :math:`\log\alpha` per layer, the curves of
     test error, sparsity and ELBO over the epochs, and the kept-weight masks of the first layer (for a 784-input
-    layer, one 28 × 28 image per hidden unit, the ``max_units`` units with the most kept weights); when
+    layer, one 28 × 28 image per hidden unit, the ``max_units`` units with the most kept weights), a table of the
+    units kept per layer once the dead ones are removed (:func:`unit_table`) and the inputs the first layer still
+    reads as an image (``input_mask.png``, 28 × 28 for MNIST); when
     ``evaluation.json`` (of :func:`~pyro_vdrop.train.evaluate`) holds them, the calibration and out-of-distribution
     tables, the reliability diagram and the entropy histograms. ``evaluation.json`` is read as untrusted: what is
     malformed in it is left out of the report. Every file is written atomically (a symlink in its place is replaced,
@@ -415,8 +469,14 @@ def write_report(run_dir: str | os.PathLike, *, max_units: int = 100, threshold:
         save(fig, REPORT_FIGURES[2])
     else:
         (run_dir / REPORT_FIGURES[2]).unlink(missing_ok=True)
+    units = unit_table(session.model, session.guide, threshold)
+    fig = None if units is None else plot_input_mask(plt, units["input_mask"])
+    if fig is not None:
+        save(fig, REPORT_FIGURES[5])
+    else:
+        (run_dir / REPORT_FIGURES[5]).unlink(missing_ok=True)
     evaluation = _read_evaluation(run_dir)
-    drawn = {}
+    drawn = {"units": units, "input_mask_figure": fig is not None}
     for key, index, data, plot in (
         ("reliability_figure", 3, reliability_data(evaluation), plot_reliability),
         ("entropy_figure", 4, entropy_data(evaluation), plot_entropy),
@@ -446,10 +506,12 @@ __all__ = [
     "ood_rows",
     "plot_curves",
     "plot_entropy",
+    "plot_input_mask",
     "plot_log_alpha",
     "plot_masks",
     "plot_reliability",
     "reliability_data",
     "report_markdown",
+    "unit_table",
     "write_report",
 ]

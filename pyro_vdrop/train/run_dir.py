@@ -26,7 +26,14 @@ METRICS_JSONL = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
 EVALUATION_FILE = "evaluation.json"
 REPORT_FILE = "report.md"
-REPORT_FIGURES = ("log_alpha_hist.png", "curves.png", "first_layer_masks.png", "reliability.png", "entropy.png")
+REPORT_FIGURES = (
+    "log_alpha_hist.png",
+    "curves.png",
+    "first_layer_masks.png",
+    "reliability.png",
+    "entropy.png",
+    "input_mask.png",
+)
 #: Every file a run directory may hold; ``--overwrite`` removes these and nothing else.
 RUN_FILES = (
     CONFIG_FILE,
