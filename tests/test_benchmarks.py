@@ -164,3 +164,21 @@ def test_prediction_kl_quick(tmp_path):
     (row,) = record["results"]
     assert set(row["ms_per_draw"]) == {"without KL (now)", "with KL (before)"}
     assert all(math.isfinite(v) and v > 0 for v in row["ms_per_draw"].values())
+
+
+def test_compress_mnist_quick(tmp_path):
+    from benchmarks import compress_mnist
+
+    argv = ["--dataset", "embedded", "--train-subset", "300", "--epochs", "1", "--pretrain-epochs", "1"]
+    argv += ["--guide", "sparse", "--num-samples", "2", "--run-dir", str(tmp_path / "run"), "--results", str(tmp_path)]
+    record = compress_mnist.main(argv + ["--no-progress"])
+    assert (tmp_path / "compress-lenet300-sparse-1ep-embedded.json").is_file()
+    figures = record["figures"]
+    assert figures["dense_units"] == [784, 300, 100]
+    assert all(0 < k <= d for k, d in zip(figures["units"], figures["dense_units"]))
+    assert figures["test_error_exported"] == figures["test_error_pruned"]
+    assert figures["exported_parameters"] <= figures["parameters"]
+    assert record["metrics"] and isinstance(record["meets_target"], bool)
+    # a second call resumes the finished run instead of training it again
+    again = compress_mnist.main(argv + ["--no-progress"])
+    assert again["figures"]["units"] == figures["units"]
