@@ -165,14 +165,15 @@ class VariationalDropoutOptions:
             raise ValueError("dropout_rate fixes α, so max_log_alpha does not apply; leave it unset")
 
     def _check_sbp(self):
-        fixed = {
-            "kl_approx": (self.kl_approx, None),
-            "log_alpha_clip": (self.log_alpha_clip, "auto"),
-            "max_log_alpha": (self.max_log_alpha, "auto"),
-            "dropout_rate": (self.dropout_rate, None),
+        fixed = {  # the values that mean "none" (the resolved options hold None)
+            "kl_approx": (None,),
+            "log_alpha_clip": ("auto", None),
+            "max_log_alpha": ("auto", None),
+            "dropout_rate": (None,),
         }
-        for name, (value, default) in fixed.items():
-            if value != default:
+        for name, allowed in fixed.items():
+            value = getattr(self, name)
+            if not any(value is a or value == a for a in allowed):
                 raise ValueError(
                     f"noise='sbp' learns log-normal noise with the exact KL to its truncated log-uniform prior; "
                     f"{name} (an option of the Gaussian noises) does not apply: leave it unset, got {value!r}"
