@@ -169,3 +169,20 @@ def test_independent_guide_reports_units():
     stats = guide.sparsity()
     assert stats["units"]["0.weight"] == {"inputs": 20, "inputs_kept": 19, "outputs": 16, "outputs_kept": 16}
     assert "groups" not in stats
+
+
+@pytest.mark.parametrize("granularity,axis", [("unit", 1), ("output", 0)])
+def test_pruned_channel_is_zeroed_in_the_pruned_network(granularity, axis):
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Flatten(), torch.nn.Linear(4 * 4 * 4, 2))
+    model = vd.nn.bayesianize(net, num_data=10)
+    guide = AutoVariationalDropout(model, options=preset("group", granularity=granularity))
+    x, y = torch.randn(10, 3, 6, 6), torch.randint(0, 2, (10,))
+    guide(x, y)
+    with torch.no_grad():  # μ_g → 0 for channel 2 of the convolution: log α_g = log σ² - log μ² is large
+        pyro.get_param_store()["AutoVariationalDropout.group_locs.0.weight"].index_fill_(axis, torch.tensor(2), 1e-6)
+    assert guide.sparsity()["groups"]["0.weight"]["groups_pruned"] == 1
+    weight = vd.nn.prune(model, guide)[0].weight
+    assert (weight.select(axis, 2) == 0).all()
+    assert (weight.select(axis, 1) != 0).all()
+    units = guide.sparsity()["units"]["0.weight"]
+    assert (units["inputs_kept"], units["outputs_kept"]) == ((2, 4) if axis == 1 else (3, 3))
