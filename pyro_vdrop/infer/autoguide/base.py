@@ -248,7 +248,10 @@ class AutoVariationalDropoutBase:
     def posterior(self, name: str):
         """
         The guide distribution of a weight site: exactly a :class:`~pyro_vdrop.distributions.VariationalDropoutNormal`
-        or :class:`~pyro_vdrop.distributions.CorrelatedVariationalDropoutNormal`, wrapped in ``.to_event(event_dim)``.
+        (``noise="independent"``), :class:`~pyro_vdrop.distributions.CorrelatedVariationalDropoutNormal`
+        (``"correlated"``), :class:`~pyro_vdrop.distributions.GroupVariationalDropoutNormal` (``"group"``; with the
+        additive parameterization its ``loc`` is θ μ_g) or
+        :class:`~pyro_vdrop.distributions.TruncatedLogNormalDropout` (``"sbp"``), wrapped in ``.to_event(event_dim)``.
 
         :param str name: The site's name.
         :raises KeyError: if the guide has no parameters for the site (yet).
