@@ -263,11 +263,19 @@ def _fit(args, argv) -> None:
         + (f", {summary['nproc']} processes" if summary["nproc"] > 1 else "")
     )
     print(f"  test error (θ)          {_percent(summary['test_error'])}")
-    print(f"  test error (pruned)     {_percent(summary['test_error_pruned'])}   (weights with log α > 3 removed)")
+    threshold = summary.get("threshold", PRUNE_THRESHOLD)
+    print(
+        f"  test error (pruned)     {_percent(summary['test_error_pruned'])}   (weights with log α > {threshold:g} "
+        "removed)"
+    )
     print(
         f"  compression             {summary['compression']:.1f}×   (sparsity {_percent(summary['sparsity'])}, "
         f"{summary['kept']:,} of {summary['weights']:,} weights kept)"
     )
+    units = summary.get("units") or {}
+    if units:
+        kept = ", ".join(f"{c['inputs_kept']}/{c['inputs']}" for c in units.values())
+        print(f"  input units kept        {kept}   (per layer: {', '.join(units)})")
     print(f"  run directory           {summary['run']}")
 
 

@@ -60,8 +60,19 @@ def _prior_kl_approx(guide) -> str:
     from pyro_vdrop.distributions.util import base_distribution
 
     for _, site in guide.prototype_trace.iter_stochastic_nodes():
-        return base_distribution(site["fn"]).kl_approx
+        return getattr(base_distribution(site["fn"]), "kl_approx", "molchanov")
     return "molchanov"
+
+
+def _prior_noise_interval(guide) -> list[float] | None:
+    """The interval (a, b) of log s of structured Bayesian pruning's prior, or None for the log-uniform prior."""
+    from pyro_vdrop.distributions import LogUniformNoisePrior
+    from pyro_vdrop.distributions.util import base_distribution
+
+    for _, site in guide.prototype_trace.iter_stochastic_nodes():
+        prior = base_distribution(site["fn"])
+        return [prior.low, prior.high] if isinstance(prior, LogUniformNoisePrior) else None
+    return None
 
 
 def _options(guide) -> dict:
@@ -121,6 +132,7 @@ def save(path: str | os.PathLike, model, guide) -> None:
                 "random_sites": list(model.random_sites),
                 "learned_obs_scale": "obs_scale_unconstrained" in model.state_dict(),
                 "prior_kl_approx": _prior_kl_approx(guide),
+                "prior_noise_interval": _prior_noise_interval(guide),
             }
         else:
             state = model.state_dict() if isinstance(model, nn.Module) else {}
@@ -155,7 +167,7 @@ def _read(path: Path, map_location) -> dict:
 
 
 def _rebuild_model(record: dict, network, path: Path):
-    from pyro_vdrop.distributions import ImproperLogUniform
+    from pyro_vdrop.distributions import ImproperLogUniform, LogUniformNoisePrior
     from pyro_vdrop.nn import BayesianModule, bayesianize
 
     spec = record["model"]
@@ -181,7 +193,9 @@ def _rebuild_model(record: dict, network, path: Path):
     random_bias = any(site.endswith(".bias") for site in spec["random_sites"])
     model = bayesianize(
         network,
-        prior=ImproperLogUniform(kl_approx=spec["prior_kl_approx"]),
+        prior=ImproperLogUniform(kl_approx=spec["prior_kl_approx"])
+        if spec.get("prior_noise_interval") is None
+        else LogUniformNoisePrior(*spec["prior_noise_interval"]),
         layers=layers,
         random_bias=random_bias,
         likelihood=spec["likelihood"],

@@ -46,6 +46,26 @@ def test_fit_writes_run_and_prints_summary(run_dir, capsys):
     assert "test error (pruned)" in printed and "compression" in printed and str(out) in printed
 
 
+@pytest.mark.parametrize("guide,threshold", [("group", "3"), ("sbp", "0")])
+def test_fit_group_guides_print_units_kept(guide, threshold, tmp_path, capsys):
+    out = tmp_path / guide
+    assert main(["fit", *TINY, "--guide", guide, "--epochs", "1", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert f"{guide} guide" in printed and f"log α > {threshold} removed" in printed
+    assert "input units kept" in printed and "/784" in printed
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["threshold"] == float(threshold)
+    units = summary["units"]
+    assert list(units) == ["fc1.weight", "fc2.weight", "fc3.weight", "fc4.weight"]
+    assert units["fc1.weight"]["inputs"] == units["fc1.weight"]["groups"] == 784
+
+
+def test_sbp_needs_the_local_reparameterization(tmp_path, capsys):
+    argv = ["fit", *TINY, "--guide", "sbp", "--estimator", "single-sample", "--out", str(tmp_path / "r")]
+    assert main(argv) == 2
+    assert "local reparameterization" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize(
     "argv,message",
     [

@@ -204,3 +204,28 @@ def test_errors_say_what_to_do(tmp_path):
         pyro_vdrop.load(tmp_path / "model.pt", model)
     with pytest.raises(FileNotFoundError):
         pyro_vdrop.load(tmp_path / "nowhere.pt", mnist_mlp(8))
+
+
+@pytest.mark.parametrize("name", ["group", "sbp"])
+def test_group_guides_round_trip(name, tmp_path):
+    from pyro_vdrop.infer.autoguide import preset
+    from pyro_vdrop.train import build_model
+
+    def net():
+        return torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.ReLU(), torch.nn.Linear(5, 3))
+
+    x, y = torch.randn(8, 6), torch.randint(0, 3, (8,))
+    model = build_model(net(), num_data=8, guide=name)
+    guide = AutoVariationalDropout(model, options=preset(name))
+    guide(x, y)
+    with torch.no_grad():
+        for value in pyro.get_param_store().values():
+            value.add_(0.1 * torch.randn_like(value))
+    expected = guide.group_log_alpha(), guide.median()
+    pyro_vdrop.save(tmp_path / "m.pt", model, guide)
+    pyro.clear_param_store()
+    _, loaded = pyro_vdrop.load(tmp_path / "m.pt", net())
+    assert loaded.options == guide.options
+    for before, after in zip(expected, (loaded.group_log_alpha(), loaded.median())):
+        assert before.keys() == after.keys()
+        assert all(torch.equal(before[k], after[k]) for k in before)

@@ -21,7 +21,12 @@ from torch.autograd import Function
 from torch.distributions import Normal, register_kl
 
 from .correlated_variational_dropout_normal import CorrelatedVariationalDropoutNormal
+from .group_variational_dropout_normal import GroupVariationalDropoutNormal
 from .improper_log_uniform import ImproperLogUniform
+from .log_uniform_noise_prior import LogUniformNoisePrior
+from .truncated_log_normal import TruncatedLogNormal
+from .truncated_log_normal_dropout import TruncatedLogNormalDropout
+from .truncated_log_uniform import TruncatedLogUniform
 from .util import check_kl_approx, normal_log_alpha
 from .variational_dropout_normal import VariationalDropoutNormal
 
@@ -152,3 +157,43 @@ def _kl_normal_improperloguniform(q, p):
     log_alpha = normal_log_alpha(q.loc, q.scale)
     kl = log_uniform_kl(log_alpha, p.kl_approx)
     return _expand_kl(kl, q, p)
+
+
+def _spread_over_groups(kl_groups, q, p):
+    """A KL per noise variable (of ``q.noise_shape``) spread evenly over its group's weights: the site's shape."""
+    shape = torch.broadcast_shapes(q.batch_shape, p.batch_shape)
+    return (kl_groups / q.group_size).expand(shape)
+
+
+@register_kl(GroupVariationalDropoutNormal, ImproperLogUniform)
+def _kl_groupvariationaldropoutnormal_improperloguniform(q, p):
+    # the KL of the group model (see GroupVariationalDropoutNormal): once per noise variable, not per weight
+    log_alpha = q.noise_log_alpha
+    if q.log_alpha_clip is not None:
+        log_alpha = log_alpha.clamp(*q.log_alpha_clip)
+    kl = log_uniform_kl(log_alpha, check_kl_approx(q.kl_approx or p.kl_approx))
+    return _spread_over_groups(kl, q, p)
+
+
+@register_kl(TruncatedLogNormal, TruncatedLogUniform)
+def _kl_truncatedlognormal_truncatedloguniform(q, p):
+    r"""
+    :math:`\log(b_p - a_p) - H(\log\theta)` when :math:`[a_q, b_q] \subseteq [a_p, b_p]` (the KL is invariant
+    under :math:`\theta \mapsto \log\theta`, where the prior is uniform), ``inf`` otherwise [Neklyudov et al.
+    2017, §4.1].
+    """
+    kl = (p.high - p.low).log() - q.log_entropy()
+    inside = (q.low >= p.low) & (q.high <= p.high)
+    return torch.where(inside, kl, torch.full_like(kl, float("inf")))
+
+
+@register_kl(TruncatedLogNormalDropout, LogUniformNoisePrior)
+def _kl_truncatedlognormaldropout_loguniformnoiseprior(q, p):
+    if (q.low, q.high) != (p.low, p.high):
+        raise ValueError(
+            f"structured Bayesian pruning needs the posterior's interval of log s, ({q.low}, {q.high}), to be the "
+            f"prior's, ({p.low}, {p.high}): give the guide the prior's bounds (the guide reads them from the prior)"
+        )
+    noise = q.noise
+    prior = TruncatedLogUniform(torch.full_like(noise.low, p.low), torch.full_like(noise.high, p.high))
+    return _spread_over_groups(_kl_truncatedlognormal_truncatedloguniform(noise, prior), q, p)

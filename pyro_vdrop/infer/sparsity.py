@@ -8,6 +8,8 @@ The sparsity vocabulary of variational dropout [1]: the pruning threshold on :ma
 **References**
 
 [1] Molchanov, Ashukha, Vetrov. "Variational Dropout Sparsifies Deep Neural Networks." ICML 2017.
+[2] Neklyudov, Molchanov, Ashukha, Vetrov. "Structured Bayesian Pruning via Log-Normal Multiplicative Noise."
+    NeurIPS 2017.
 """
 
 import math
@@ -17,6 +19,12 @@ import torch
 
 #: The pruning threshold of [1, §4.3]: a weight with :math:`\log\alpha > 3` is set to 0 at test time.
 PRUNE_LOG_ALPHA_THRESHOLD = 3.0
+
+#: Structured Bayesian pruning [2, §4.3] removes a group whose noise has signal-to-noise ratio
+#: :math:`\mathbb{E}s/\sqrt{\mathrm{Var}\,s} < 1`; in terms of :math:`\log\alpha = \log(\mathrm{Var}\,s/(\mathbb{E}s)^2)
+#: = -2\log\mathrm{SNR}` (which is :math:`\log\alpha` for Gaussian noise :math:`\mathcal{N}(1, \alpha)`) that is
+#: :math:`\log\alpha > 0`.
+SBP_LOG_ALPHA_THRESHOLD = 0.0
 
 #: Sparse variational dropout clips :math:`\log\alpha` to this interval inside the KL [1, §4.1].
 SPARSE_VD_LOG_ALPHA_CLIP = (-8.0, 8.0)
@@ -52,6 +60,56 @@ def sparsity_summary(log_alpha: Mapping[str, torch.Tensor], threshold: float = P
     return {"sites": sites, "total": total}
 
 
+@torch.no_grad()
+def unit_summary(
+    log_alpha: Mapping[str, torch.Tensor],
+    threshold: float = PRUNE_LOG_ALPHA_THRESHOLD,
+    axes: Mapping[str, tuple[int, int]] | None = None,
+) -> dict:
+    r"""
+    How many input and output units (channels) of each weight site keep at least one weight
+    (:math:`\log\alpha \le` ``threshold``): a unit all of whose weights are pruned is removed from the network,
+    whatever the noise. Sites with fewer than two dims are left out.
+
+    :param dict log_alpha: :math:`\log\alpha` per site, each of the site's full shape.
+    :param float threshold: The pruning threshold on :math:`\log\alpha`.
+    :param dict axes: ``{site: (output_axis, input_axis)}``; default ``(0, 1)``, the torch layout ``(out, in, ...)``.
+    :returns: ``{site: {"inputs": int, "inputs_kept": int, "outputs": int, "outputs_kept": int}}``.
+    :rtype: dict
+    """
+    result = {}
+    for name, la in log_alpha.items():
+        if la.dim() < 2:
+            continue
+        out_axis, in_axis = (axes or {}).get(name, (0, 1))
+        kept = la <= threshold
+        counts = {}
+        for key, axis in (("inputs", in_axis), ("outputs", out_axis)):
+            axis = axis % la.dim()
+            other = tuple(d for d in range(la.dim()) if d != axis)
+            counts[key] = la.shape[axis]
+            counts[key + "_kept"] = int(kept.any(dim=other).sum().item()) if other else int(kept.sum().item())
+        result[name] = counts
+    return result
+
+
+@torch.no_grad()
+def group_summary(group_log_alpha: Mapping[str, torch.Tensor], threshold: float = PRUNE_LOG_ALPHA_THRESHOLD) -> dict:
+    r"""
+    How many groups (noise variables shared by a unit or channel) are pruned: those with
+    :math:`\log\alpha_g >` ``threshold``.
+
+    :param dict group_log_alpha: :math:`\log\alpha` per group, per site (one element per noise variable).
+    :returns: ``{site: {"groups": int, "groups_pruned": int, "groups_kept": int}}``.
+    :rtype: dict
+    """
+    result = {}
+    for name, la in group_log_alpha.items():
+        pruned = int((la > threshold).sum().item())
+        result[name] = {"groups": la.numel(), "groups_pruned": pruned, "groups_kept": la.numel() - pruned}
+    return result
+
+
 def prune_params(
     theta: Mapping[str, torch.Tensor],
     log_alpha: Mapping[str, torch.Tensor],
@@ -85,4 +143,12 @@ def prune_params(
     return out
 
 
-__all__ = ["PRUNE_LOG_ALPHA_THRESHOLD", "SPARSE_VD_LOG_ALPHA_CLIP", "prune_params", "sparsity_summary"]
+__all__ = [
+    "PRUNE_LOG_ALPHA_THRESHOLD",
+    "SBP_LOG_ALPHA_THRESHOLD",
+    "SPARSE_VD_LOG_ALPHA_CLIP",
+    "group_summary",
+    "prune_params",
+    "sparsity_summary",
+    "unit_summary",
+]

@@ -20,7 +20,7 @@ def prune(
     *,
     params: dict[str, torch.Tensor] | None = None,
     log_alpha: dict[str, torch.Tensor] | None = None,
-    threshold: float = LOG_ALPHA_THRESHOLD,
+    threshold: float | None = None,
 ) -> nn.Module:
     r"""
     The deterministic, sparse torch network of a trained variational-dropout model [2, §4]: each random
@@ -43,7 +43,8 @@ def prune(
     :param dict params: :math:`\theta` per random site.
     :param dict log_alpha: :math:`\log\alpha` per random site, of the site's shape (or broadcastable to it,
         e.g. per unit or per layer).
-    :param float threshold: :math:`\tau`; ``math.inf`` keeps every weight.
+    :param float threshold: :math:`\tau`; ``math.inf`` keeps every weight. Default: the guide's
+        ``prune_threshold`` (3, or 0, i.e. SNR < 1, for structured Bayesian pruning), 3 without a guide.
     :returns: the pruned network, in the model's training/eval mode, on the model's device and dtype.
     :rtype: torch.nn.Module
 
@@ -53,6 +54,8 @@ def prune(
     """
     if not isinstance(model, BayesianModule):
         raise TypeError(f"model must be made by pyro_vdrop.nn.bayesianize, got {type(model).__name__}")
+    if threshold is None:
+        threshold = getattr(guide, "prune_threshold", LOG_ALPHA_THRESHOLD)
     if math.isnan(threshold):
         raise ValueError("threshold must be a number (math.inf keeps every weight), got nan")
     if params is None or log_alpha is None:

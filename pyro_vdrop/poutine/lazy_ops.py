@@ -115,7 +115,13 @@ def linear_given_weights(x, weights, bias=None):
     return out if bias is None else out + bias
 
 
-def linear_correlated(x, loc, noise_scale, noise=None):
+def _noise(noise_scale, eps, noise_fn):
+    r"""The multiplicative noise :math:`\xi` from standard normals ``eps``: ``1 + noise_scale * eps`` (Gaussian
+    dropout), or ``noise_fn(eps)`` (e.g. the log-normal noise of structured Bayesian pruning)."""
+    return 1 + noise_scale * eps if noise_fn is None else noise_fn(eps)
+
+
+def linear_correlated(x, loc, noise_scale, noise=None, noise_fn=None):
     r"""
     ``F.linear(x, W)`` for :math:`W = \xi \odot \mu` with :math:`\xi \sim \mathcal{N}(1, \alpha)` shared along
     the input units, the output units or the whole layer, as ``noise_scale`` (:math:`\sqrt\alpha`, of shape
@@ -123,11 +129,13 @@ def linear_correlated(x, loc, noise_scale, noise=None):
 
     :param noise: The standard normal :math:`\epsilon = (\xi - 1) / \sqrt\alpha`, of shape
         ``x.shape[:-1] + noise_scale.shape`` (drawn if ``None``).
+    :param noise_fn: For non-Gaussian noise: the map from :math:`\epsilon` to :math:`\xi` (elementwise, with
+        parameters of the shape of ``noise_scale``); ``noise_scale`` then gives only the noise's shape.
     """
     n_out, n_in = noise_scale.shape
     if noise is None:
         noise = torch.randn(x.shape[:-1] + (n_out, n_in), dtype=x.dtype, device=x.device)
-    xi = 1 + noise_scale * noise
+    xi = _noise(noise_scale, noise, noise_fn)
     if n_out == 1 and n_in == 1:
         return F.linear(x, loc) * xi[..., 0]
     if n_out == 1:  # noise per input unit: Gaussian dropout on the inputs
@@ -170,12 +178,12 @@ def conv_per_example(conv, x, loc, scale, *, groups=1, **kwargs):
     return out.reshape(n, -1, *out.shape[2:])
 
 
-def conv_correlated(conv, x, loc, noise_scale, *, groups=1, **kwargs):
+def conv_correlated(conv, x, loc, noise_scale, *, groups=1, noise_fn=None, **kwargs):
     r"""
     ``conv(x, W)`` for :math:`W = \xi \odot \mu` with :math:`\xi \sim \mathcal{N}(1, \alpha)` per input channel
     (within a group; all groups share the noise variables), per output channel, or one for the layer, as
     ``noise_scale`` (:math:`\sqrt\alpha`, of shape ``(1 or out, 1 or in/groups, 1, ...)``) says; drawn once per
-    example.
+    example. ``noise_fn`` as for :func:`linear_correlated`.
     """
     spatial = (1,) * (x.dim() - 2)
     if any(k != 1 for k in noise_scale.shape[2:]):
@@ -183,35 +191,36 @@ def conv_correlated(conv, x, loc, noise_scale, *, groups=1, **kwargs):
     n_out, n_in = noise_scale.shape[:2]
     if n_in == 1:  # per output channel, or one noise for the whole layer
         out = conv(x, loc, None, groups=groups, **kwargs)
-        eps = torch.randn(out.shape[:1] + (n_out,) + spatial, dtype=out.dtype, device=out.device)
-        return out * (1 + noise_scale.reshape((1, n_out) + spatial) * eps)
+        eps = torch.randn(out.shape[:1] + noise_scale.shape, dtype=out.dtype, device=out.device)
+        return out * _noise(noise_scale, eps, noise_fn).reshape(out.shape[:1] + (n_out,) + spatial)
     if n_out == 1:
-        eps = torch.randn(x.shape[0], n_in, dtype=x.dtype, device=x.device)
-        xi = (1 + noise_scale.reshape(1, n_in) * eps).repeat(1, groups)
+        eps = torch.randn(x.shape[:1] + noise_scale.shape, dtype=x.dtype, device=x.device)
+        xi = _noise(noise_scale, eps, noise_fn).reshape(x.shape[0], n_in).repeat(1, groups)
         return conv(x * xi.reshape(xi.shape + spatial), loc, None, groups=groups, **kwargs)
     raise UnsupportedOperation(f"correlated noise of shape {tuple(noise_scale.shape)}")
 
 
-def conv_transpose_correlated(conv_transpose, x, loc, noise_scale, *, groups=1, **kwargs):
+def conv_transpose_correlated(conv_transpose, x, loc, noise_scale, *, groups=1, noise_fn=None, **kwargs):
     r"""
     ``conv_transpose(x, W)`` for :math:`W = \xi \odot \mu` with :math:`\xi \sim \mathcal{N}(1, \alpha)` shared
     along the weight's dims that ``noise_scale`` (:math:`\sqrt\alpha`, of shape ``(1 or in, 1 or out/groups, 1,
     ...)``; the weight of a transposed convolution is ``(in, out/groups, *kernel)``) does not index: per input
     channel (noise on the input), per output channel within a group (all groups share the noise variables, as
-    :func:`conv_correlated`), or one for the layer; drawn once per example.
+    :func:`conv_correlated`), or one for the layer; drawn once per example. ``noise_fn`` as for
+    :func:`linear_correlated`.
     """
     spatial = (1,) * (x.dim() - 2)
     if any(k != 1 for k in noise_scale.shape[2:]):
         raise UnsupportedOperation(f"correlated noise along kernel positions (noise shape {tuple(noise_scale.shape)})")
     n_in, n_out = noise_scale.shape[:2]
     if n_out == 1 and n_in != 1:  # per input channel: Gaussian dropout on the input
-        eps = torch.randn(x.shape[0], n_in, dtype=x.dtype, device=x.device)
-        xi = 1 + noise_scale.reshape(1, n_in) * eps
+        eps = torch.randn(x.shape[:1] + noise_scale.shape, dtype=x.dtype, device=x.device)
+        xi = _noise(noise_scale, eps, noise_fn).reshape(x.shape[0], n_in)
         return conv_transpose(x * xi.reshape(xi.shape + spatial), loc, None, groups=groups, **kwargs)
     if n_in == 1:  # per output channel (within a group), or one noise for the whole layer
         out = conv_transpose(x, loc, None, groups=groups, **kwargs)
-        eps = torch.randn(out.shape[0], n_out, dtype=out.dtype, device=out.device)
-        xi = 1 + noise_scale.reshape(1, n_out) * eps
+        eps = torch.randn(out.shape[:1] + noise_scale.shape, dtype=out.dtype, device=out.device)
+        xi = _noise(noise_scale, eps, noise_fn).reshape(out.shape[0], n_out)
         if n_out != 1:
             xi = xi.repeat(1, groups)
         return out * xi.reshape(xi.shape + spatial)
@@ -267,14 +276,16 @@ def embedding_flipout(indices, loc, scale):
     return F.embedding(indices, loc) + F.embedding(indices, delta_w) * sign_row.unsqueeze(-1) * sign_col
 
 
-def embedding_correlated(indices, loc, noise_scale):
+def embedding_correlated(indices, loc, noise_scale, noise_fn=None):
     r"""
     ``F.embedding(indices, W)`` for :math:`W = \xi \odot \mu` with :math:`\xi \sim \mathcal{N}(1, \alpha)`
     per row, per column or per layer as ``noise_scale`` (:math:`\sqrt\alpha`, of shape ``(1 or rows, 1 or
     dim)``) says, drawn once per example (dim 0 of ``indices``): a row looked up twice by one example shares
-    its noise.
+    its noise. ``noise_fn`` as for :func:`linear_correlated` (noise per column or per layer only).
     """
     n_rows, n_cols = noise_scale.shape
+    if noise_fn is not None and n_rows != 1:
+        raise UnsupportedOperation("log-normal noise per embedding row (use per-column noise, granularity='output')")
     examples, inverse, num_pairs = _lookup_keys(indices, loc.shape[0])
     if n_rows != 1:
         noise = torch.randn(num_pairs, n_cols, dtype=loc.dtype, device=loc.device)[inverse]
@@ -283,7 +294,7 @@ def embedding_correlated(indices, loc, noise_scale):
         num_examples = int(examples.max()) + 1 if examples.numel() else 0
         noise = torch.randn(num_examples, n_cols, dtype=loc.dtype, device=loc.device)[examples]
         ns = noise_scale[0]
-    return F.embedding(indices, loc) * (1 + ns * noise)
+    return F.embedding(indices, loc) * _noise(ns, noise, noise_fn)
 
 
 __all__ = [

@@ -7,12 +7,13 @@ import torch
 import torch.nn.functional as F
 from torch.distributions import Normal
 
-from pyro_vdrop.distributions import CorrelatedVariationalDropoutNormal
+from pyro_vdrop.distributions import CorrelatedVariationalDropoutNormal, TruncatedLogNormal, TruncatedLogNormalDropout
 from pyro_vdrop.distributions.util import base_distribution
 
 from .estimators import ESTIMATORS, FLIPOUT, LRT, MEAN, PER_EXAMPLE
 from .lazy_ops import (
     UnsupportedOperation,
+    _noise,
     conv_correlated,
     conv_flipout,
     conv_lrt,
@@ -152,7 +153,19 @@ class LazyWeight(torch.Tensor):
 
     @staticmethod
     def __new__(
-        cls, loc, scale=None, noise_scale=None, *, site, estimator, distribution, fallback, auxiliary, moments=None
+        cls,
+        loc,
+        scale=None,
+        noise_scale=None,
+        *,
+        site,
+        estimator,
+        distribution,
+        fallback,
+        auxiliary,
+        moments=None,
+        noise_loc=None,
+        noise_bounds=None,
     ):
         self = torch.Tensor._make_subclass(cls, loc.detach(), False)
         self._loc = loc
@@ -163,6 +176,9 @@ class LazyWeight(torch.Tensor):
         self._var = None
         self._moments = moments
         self._noise_scale = noise_scale  # correlated noise: sqrt(alpha), broadcastable to loc
+        # log-normal noise (structured Bayesian pruning): mu and sigma of log s (sigma in _noise_scale), (a, b)
+        self._noise_loc = noise_loc
+        self._noise_bounds = noise_bounds
         self.site = site
         self.estimator = estimator
         self.distribution = distribution
@@ -201,11 +217,14 @@ class LazyWeight(torch.Tensor):
         :rtype: LazyWeight or None
         """
         base = base_distribution(fn, torch.distributions.Independent)
-        if not isinstance(base, (Normal, CorrelatedVariationalDropoutNormal)):
+        if not isinstance(base, (Normal, CorrelatedVariationalDropoutNormal, TruncatedLogNormalDropout)):
             return None
         if base.batch_shape != fn.batch_shape + fn.event_shape:
             return None
         kwargs = dict(site=site, estimator=estimator, distribution=fn, fallback=fallback, auxiliary=auxiliary)
+        if isinstance(base, TruncatedLogNormalDropout):
+            bounds = (base.low, base.high)
+            return cls(base.loc, noise_scale=base.noise_scale, noise_loc=base.noise_loc, noise_bounds=bounds, **kwargs)
         if isinstance(base, CorrelatedVariationalDropoutNormal) and base.noise_shape != base.batch_shape:
             return cls(base.loc, noise_scale=(0.5 * base.noise_log_alpha).exp(), **kwargs)
         # a Normal, or a correlated posterior with nothing shared (independent noise)
@@ -234,8 +253,23 @@ class LazyWeight(torch.Tensor):
 
     @property
     def noise_scale(self) -> torch.Tensor | None:
-        """Correlated noise: :math:`\\sqrt\\alpha` of each noise variable, broadcastable to :attr:`loc`; else None."""
+        """
+        Correlated noise: :math:`\\sqrt\\alpha` of each noise variable (:math:`\\sigma` of :math:`\\log s` for
+        log-normal noise), broadcastable to :attr:`loc`; else None.
+        """
         return self._noise_scale
+
+    @property
+    def noise_fn(self):
+        """
+        Log-normal noise (:class:`~pyro_vdrop.distributions.TruncatedLogNormalDropout`): the map from standard
+        normals of the noise's shape to noise samples; None for Gaussian noise (:math:`1 + \\sqrt\\alpha\\,\\epsilon`).
+        """
+        if self._noise_loc is None:
+            return None
+        low, high = (torch.full_like(self._noise_loc, b) for b in self._noise_bounds)
+        noise = TruncatedLogNormal(self._noise_loc, self._noise_scale, low, high, validate_args=False)
+        return noise.from_standard_normal
 
     @property
     def scale(self) -> torch.Tensor | None:
@@ -268,6 +302,8 @@ class LazyWeight(torch.Tensor):
             fn(self._loc),
             None,
             None if self._noise_scale is None else fn(self._noise_scale),
+            noise_loc=None if self._noise_loc is None else fn(self._noise_loc),
+            noise_bounds=self._noise_bounds,
             site=self.site,
             estimator=self.estimator,
             distribution=self.distribution,
@@ -560,7 +596,7 @@ def _draw_like(lazy, shape):
     if lazy.is_correlated:
         lead = tuple(shape[: len(shape) - loc.dim()])
         noise = torch.randn(lead + tuple(lazy.noise_scale.shape), dtype=loc.dtype, device=loc.device)
-        return loc * (1 + lazy.noise_scale * noise)
+        return loc * _noise(lazy.noise_scale, noise, lazy.noise_fn)
     return loc + lazy.scale * torch.randn(shape, dtype=loc.dtype, device=loc.device)
 
 
@@ -598,7 +634,7 @@ def lazy_linear(x, w, bias=None, *, op="linear"):
         plain_bias, bias = (bias, None) if torch.is_tensor(bias) and not isinstance(bias, LazyWeight) else (None, bias)
         return _add_bias(_tracked_linear(x, w, plain_bias, op), bias, -1)
     if w.is_correlated:
-        return _add_bias(linear_correlated(x, w.loc, w.noise_scale), bias, -1)
+        return _add_bias(linear_correlated(x, w.loc, w.noise_scale, noise_fn=w.noise_fn), bias, -1)
     # a plain bias is fused into the mean's matmul (addmm)
     plain_bias, bias = (bias, None) if torch.is_tensor(bias) and not isinstance(bias, LazyWeight) else (None, bias)
     if w.estimator == PER_EXAMPLE:
@@ -637,7 +673,7 @@ def _tracked_linear(x, w, bias, op):
         perturbation = _swap(tie["perturbation"], transposed)
         return linear_flipout(x, w.loc, None, bias, perturbation=perturbation, sign_in=sign_in, sign_out=sign_out)
     if tie["kind"] == "correlated":
-        return _add_plain(linear_correlated(x, w.loc, w.noise_scale, _swap(tie["noise"], transposed)), bias)
+        return _add_plain(linear_correlated(x, w.loc, w.noise_scale, _swap(tie["noise"], transposed), w.noise_fn), bias)
     if "weights" not in tie:  # LRT: per-example weights that agree with the first use's output
         first = tie["view"]
         ws = linear_lrt_weights(tie["x"], first.loc, first.scale, first.variance, tie["noise"])
@@ -658,7 +694,7 @@ def _first_linear(x, w, bias, op, lead, region):
     tie = {"op": op, "lead": lead, "transposed": transposed}
     if w.is_correlated:
         noise = torch.randn(lead + w.noise_scale.shape, dtype=x.dtype, device=x.device)
-        out = _add_plain(linear_correlated(x, loc, w.noise_scale, noise), bias)
+        out = _add_plain(linear_correlated(x, loc, w.noise_scale, noise, w.noise_fn), bias)
         tie.update(kind="correlated", noise=_swap(noise, transposed))
     elif w.estimator == LRT:
         noise = torch.randn(lead + loc.shape[:1], dtype=x.dtype, device=x.device)
@@ -761,7 +797,7 @@ def _lazy_conv_any(conv, correlated, op, nd, x, w, bias, kw):
     if root._sample is not None:  # an ordinary sample was drawn (fallback=True): every use sees it
         out = conv(x, w.materialize(), None, **kw)
     elif w.is_correlated:
-        out = correlated(conv, x, w.loc, w.noise_scale, **kw)
+        out = correlated(conv, x, w.loc, w.noise_scale, noise_fn=w.noise_fn, **kw)
     elif w.estimator == MEAN:
         out = conv_mean(conv, x, w.loc, **kw)
     elif w.estimator == PER_EXAMPLE:
@@ -865,7 +901,7 @@ def lazy_embedding(indices, w, padding_idx=None, *, op="embedding"):
         _record_untied_use(w, op, "embedding", "an embedding lookup's noise is not shared with other uses")
     indices = indices.long()
     if w.is_correlated:
-        out = embedding_correlated(indices, w.loc, w.noise_scale)
+        out = embedding_correlated(indices, w.loc, w.noise_scale, noise_fn=w.noise_fn)
     elif w.estimator == MEAN:
         out = embedding_mean(indices, w.loc)
     elif w.estimator == FLIPOUT:

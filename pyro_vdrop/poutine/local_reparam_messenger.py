@@ -7,7 +7,11 @@ from pyro.poutine.messenger import Messenger
 from pyro.poutine.trace_messenger import TraceMessenger
 from torch.distributions import Independent
 
-from pyro_vdrop.distributions import CorrelatedVariationalDropoutNormal, VariationalDropoutNormal
+from pyro_vdrop.distributions import (
+    CorrelatedVariationalDropoutNormal,
+    TruncatedLogNormalDropout,
+    VariationalDropoutNormal,
+)
 from pyro_vdrop.distributions.util import base_distribution
 
 from .estimators import ESTIMATORS, LRT
@@ -16,7 +20,7 @@ from .local_reparam_site import LocalReparamKL, LocalReparamSite
 from .runtime import handlers_outside
 
 _AUX_SUFFIX = "_unconstrained"
-_DROPOUT_POSTERIORS = (VariationalDropoutNormal, CorrelatedVariationalDropoutNormal)
+_DROPOUT_POSTERIORS = (VariationalDropoutNormal, CorrelatedVariationalDropoutNormal, TruncatedLogNormalDropout)
 
 
 class LocalReparamMessenger(Messenger):

@@ -92,6 +92,7 @@ class PerSequenceWeight:
         if weight.is_correlated:
             self.kind = "correlated"
             self.noise_scale = weight.noise_scale
+            self.noise_fn = weight.noise_fn  # None: Gaussian N(1, α); else log-normal (structured Bayesian pruning)
             self.noise = torch.randn(self.batch_shape + self.noise_scale.shape, dtype=loc.dtype, device=loc.device)
         elif weight.estimator == MEAN:
             return
@@ -152,7 +153,7 @@ class PerSequenceWeight:
         if self.kind == "plain":
             out = F.linear(x, self.tensor, plain_bias)
         elif self.kind == "correlated":
-            out = linear_correlated(x, self.tensor, self.noise_scale, self._expand(self.noise, x.dim()))
+            out = linear_correlated(x, self.tensor, self.noise_scale, self._expand(self.noise, x.dim()), self.noise_fn)
             if plain_bias is not None:
                 out = out + plain_bias
         elif self.kind == "flipout":

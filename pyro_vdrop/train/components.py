@@ -68,11 +68,17 @@ def build_network(config: TrainConfig) -> torch.nn.Module:
     return vnn.lenet5_caffe()
 
 
-def build_model(network: torch.nn.Module, *, num_data: int):
-    """The Bayesian model of ``network`` (log-uniform weight priors, Categorical likelihood over ``num_data``)."""
+def build_model(network: torch.nn.Module, *, num_data: int, guide: str | None = None):
+    """
+    The Bayesian model of ``network`` (log-uniform weight priors, Categorical likelihood over ``num_data``); for
+    ``guide="sbp"`` the weights' prior is structured Bayesian pruning's
+    :class:`~pyro_vdrop.distributions.LogUniformNoisePrior` on its interval (-20, 0).
+    """
     from pyro_vdrop import nn as vnn
+    from pyro_vdrop.distributions import SBP_LOG_NOISE_INTERVAL, LogUniformNoisePrior
 
-    return vnn.bayesianize(network, num_data=num_data)
+    prior = LogUniformNoisePrior(*SBP_LOG_NOISE_INTERVAL) if guide == "sbp" else None
+    return vnn.bayesianize(network, prior=prior, num_data=num_data)
 
 
 def build_guide(model, config: TrainConfig, *, init_values: dict | None = None):
@@ -80,8 +86,10 @@ def build_guide(model, config: TrainConfig, *, init_values: dict | None = None):
     The :class:`~pyro_vdrop.infer.AutoVariationalDropout` variant named by ``config.guide``: ``"sparse"``
     (additive parameterization, α per weight [2]), ``"B"`` (independent noise, α per weight, α ≤ 1 [1]),
     ``"A"`` / ``"A2"`` (correlated noise, α per input unit, α ≤ 1, A2 with the KL scaled by 1/3 [1]) or
-    ``"gaussian-dropout"`` (correlated noise with α = p/(1-p) fixed [1, §3]). The paper's variants use its own
-    KL fit (``kl_approx="kingma"``), sparse VD Molchanov's.
+    ``"gaussian-dropout"`` (correlated noise with α = p/(1-p) fixed [1, §3]), ``"group"`` (group variational
+    dropout, noise per input unit or channel) or ``"sbp"`` (structured Bayesian pruning; the model must come from
+    :func:`build_model` with ``guide="sbp"``). The paper's variants use its own KL fit (``kl_approx="kingma"``),
+    sparse VD and group VD Molchanov's.
 
     :param dict init_values: Initial θ per site (e.g. a pretrained network's weights); default fan-in init.
     """

@@ -14,7 +14,7 @@ from pyro_vdrop.train.errors import RunError
 MODELS = ("mlp", "lenet300", "lenet5")
 DATASETS = ("embedded", "mnist")
 #: The guides: the paper variants of :data:`pyro_vdrop.infer.autoguide.PRESETS`.
-GUIDES = ("sparse", "A", "A2", "B", "gaussian-dropout")
+GUIDES = ("sparse", "A", "A2", "B", "gaussian-dropout", "group", "sbp")
 #: The estimators the training loop offers (:mod:`pyro_vdrop.poutine.estimators`; "per-example" is a diagnostic).
 ESTIMATORS = (LRT, FLIPOUT, SINGLE_SAMPLE, MEAN)
 DEVICES = ("auto", "cpu", "cuda")
@@ -91,7 +91,10 @@ class TrainConfig:
     :param int test_subset: Evaluate on a seeded random subset of this many test images.
     :param str guide: ``"sparse"`` (additive parameterization, α per weight, unbounded [2]), ``"A"``
         (correlated noise [1]), ``"A2"`` (A with the KL scaled by 1/3 [1]), ``"B"`` (independent noise [1]) or
-        ``"gaussian-dropout"`` (fixed :math:`\alpha = p/(1-p)`, the Bernoulli-equivalent Gaussian dropout).
+        ``"gaussian-dropout"`` (fixed :math:`\alpha = p/(1-p)`, the Bernoulli-equivalent Gaussian dropout),
+        ``"group"`` (group variational dropout: noise per input unit or channel, prunes units) or ``"sbp"``
+        (structured Bayesian pruning: log-normal noise per unit, proper truncated log-uniform prior; pruned at
+        SNR < 1, i.e. log α > 0).
     :param float dropout_p: The Bernoulli-equivalent dropout rate of ``"gaussian-dropout"``.
     :param str estimator: ``"lrt"`` (local reparameterization), ``"flipout"``, ``"single-sample"``
         (one weight sample per minibatch) or ``"mean"``: a noise-free diagnostic that uses the posterior means θ
@@ -129,8 +132,9 @@ class TrainConfig:
     )
     guide: str = option(
         "sparse",
-        "posterior: sparse (Molchanov et al. 2017), A / A2 / B (Kingma et al. 2015), or gaussian-dropout with fixed "
-        "alpha = p/(1-p)",
+        "posterior: sparse (Molchanov et al. 2017), A / A2 / B (Kingma et al. 2015), gaussian-dropout with fixed "
+        "alpha = p/(1-p), group (group VD: prunes units/channels) or sbp (structured Bayesian pruning, Neklyudov et "
+        "al. 2017)",
         choices=GUIDES,
         group="variational dropout",
     )
@@ -183,6 +187,11 @@ class TrainConfig:
             check_option(field, getattr(self, field.name))
         if self.data_dir is not None and self.dataset != "mnist":
             raise ValueError(f"data_dir applies to dataset='mnist' only; got dataset={self.dataset!r}")
+        if self.guide == "sbp" and self.estimator == SINGLE_SAMPLE:
+            raise ValueError(
+                "guide='sbp' needs the local reparameterization (its prior has no density of the weights, only the "
+                f"KL of the noise): use estimator {LRT!r} or {FLIPOUT!r}, not {SINGLE_SAMPLE!r}"
+            )
 
     def to_dict(self) -> dict:
         """The configuration as a JSON-serialisable dict."""

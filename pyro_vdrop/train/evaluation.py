@@ -102,13 +102,20 @@ def error_rate(logits: torch.Tensor, y: torch.Tensor) -> float:
     return float((logits.argmax(-1) != y).double().mean())
 
 
-def sparsity_stats(guide, *, threshold: float = PRUNE_THRESHOLD) -> dict:
+def sparsity_stats(guide, *, threshold: float | None = None) -> dict:
     r"""
     :meth:`~pyro_vdrop.infer.AutoVariationalDropout.sparsity` (:func:`~pyro_vdrop.infer.sparsity.sparsity_summary`)
     in the terms of the run's files (``metrics.csv``, ``summary.json``, ``evaluation.json``): ``weights``, ``kept``
     (:math:`\log\alpha \le` ``threshold``), ``sparsity`` (pruned share), ``compression`` (weights / kept, as in
-    [2]) and ``layers`` (the same per weight site).
+    [2]), ``layers`` (the same per weight site) and ``units`` (per weight site: its input and output units or
+    channels that keep a weight, and, for the group noises, its groups kept; see
+    :func:`~pyro_vdrop.infer.sparsity.unit_summary`).
+
+    :param float threshold: The pruning threshold on :math:`\log\alpha`; default: the guide's ``prune_threshold``
+        (3, or 0 for structured Bayesian pruning), or 3 for a guide without one.
     """
+    if threshold is None:
+        threshold = getattr(guide, "prune_threshold", PRUNE_THRESHOLD)
     stats = guide.sparsity(threshold)
 
     def convert(s):
@@ -119,7 +126,15 @@ def sparsity_stats(guide, *, threshold: float = PRUNE_THRESHOLD) -> dict:
             "compression": s["compression"],
         }
 
-    return {**convert(stats["total"]), "layers": {name: convert(s) for name, s in stats["sites"].items()}}
+    units = {name: dict(counts) for name, counts in stats.get("units", {}).items()}
+    for name, counts in stats.get("groups", {}).items():
+        units.setdefault(name, {}).update(counts)
+    return {
+        **convert(stats["total"]),
+        "layers": {name: convert(s) for name, s in stats["sites"].items()},
+        "units": units,
+        "threshold": threshold,
+    }
 
 
 def pruned_params(theta: dict, log_alpha: dict, *, threshold: float = PRUNE_THRESHOLD) -> dict:
@@ -134,8 +149,13 @@ def posterior(guide) -> tuple[dict, dict]:
     return theta, log_alpha
 
 
-def held_out_figures(session: Session, *, threshold: float = PRUNE_THRESHOLD) -> dict:
-    """The test error of the θ network and of the pruned network, and the sparsity, of a session's guide now."""
+def held_out_figures(session: Session, *, threshold: float | None = None) -> dict:
+    """
+    The test error of the θ network and of the pruned network, and the sparsity, of a session's guide now; the
+    threshold defaults to the guide's ``prune_threshold``.
+    """
+    if threshold is None:
+        threshold = getattr(session.guide, "prune_threshold", PRUNE_THRESHOLD)
     theta, log_alpha = posterior(session.guide)
     x, y = session.x_test, session.y_test
     batch_size = session.eval_batch_size

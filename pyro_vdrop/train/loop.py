@@ -373,6 +373,8 @@ def _fit(
         "compression": last["compression"],
         "weights": stats["weights"],
         "kept": stats["kept"],
+        "threshold": stats["threshold"],
+        "units": stats["units"],
         "elbo": last["elbo"],
         "time": last["time"],
         "nproc": world.size,

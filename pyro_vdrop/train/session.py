@@ -103,7 +103,7 @@ class Session:
             t0 = time.perf_counter()
             self._pretrain()
             self.pretrain_time = time.perf_counter() - t0
-        self.model = build_model(self.network, num_data=self.num_data)
+        self.model = build_model(self.network, num_data=self.num_data, guide=config.guide)
         init_values = self.model.initial_weights() if pretrain else None
         self.guide = build_guide(self.model, config, init_values=init_values)
         # The guide creates its parameters on its first call: make them now, on the first minibatch.
@@ -248,14 +248,14 @@ class Session:
         """The KL term :math:`\\mathrm{KL}(q\\|p)`, without the guide's ``kl_scale`` (analytic; a minibatch only sets
         up the traces)."""
         x, y = self.x_train[: self.config.batch_size], self.y_train[: self.config.batch_size]
+        total = 0.0
         with torch.no_grad():
             guide_trace, model_trace = trace_guide_then_model(self.model, self.guide, (x, y))
-        total = 0.0
-        for name, site in guide_trace.nodes.items():
-            if site["type"] != "sample" or name not in model_trace.nodes:
-                continue
-            # the site's scale is the guide's kl_scale (warm-up, A2): leave it out, this is the KL itself
-            total += float(torch.distributions.kl_divergence(site["fn"], model_trace.nodes[name]["fn"]).sum())
+            for name, site in guide_trace.nodes.items():
+                if site["type"] != "sample" or name not in model_trace.nodes:
+                    continue
+                # the site's scale is the guide's kl_scale (warm-up, A2): leave it out, this is the KL itself
+                total += float(torch.distributions.kl_divergence(site["fn"], model_trace.nodes[name]["fn"]).sum())
         return total
 
 

@@ -16,12 +16,21 @@ from pyro.nn.module import PyroParam, pyro_method
 
 from pyro_vdrop.distributions import (
     CorrelatedVariationalDropoutNormal,
+    GroupVariationalDropoutNormal,
     ImproperLogUniform,
+    LogUniformNoisePrior,
+    TruncatedLogNormalDropout,
     VariationalDropoutNormal,
 )
 from pyro_vdrop.distributions.cap import cap
 from pyro_vdrop.distributions.util import base_distribution
-from pyro_vdrop.infer.sparsity import PRUNE_LOG_ALPHA_THRESHOLD, sparsity_summary
+from pyro_vdrop.infer.sparsity import (
+    PRUNE_LOG_ALPHA_THRESHOLD,
+    SBP_LOG_ALPHA_THRESHOLD,
+    group_summary,
+    sparsity_summary,
+    unit_summary,
+)
 
 from .options import VariationalDropoutOptions, check_kl_scale
 
@@ -72,6 +81,8 @@ class AutoVariationalDropoutBase:
     init_loc_fn = _option("init_loc_fn")
     init_log_alpha = _option("init_log_alpha")
     init_log_sigma2 = _option("init_log_sigma2")
+    init_noise_loc = _option("init_noise_loc")
+    init_noise_log_scale = _option("init_noise_log_scale")
 
     def _set_options(self, options: VariationalDropoutOptions | None, keywords: dict[str, Any]):
         """Sets ``self.options`` from ``options=`` or from the option keywords (not both)."""
@@ -88,6 +99,7 @@ class AutoVariationalDropoutBase:
         self.kl_scale = options.kl_scale
         self._like = None  # the (dtype, device) of the model's inputs, set while initializing
         self._layouts = {}
+        self._noise_bounds = {}  # noise="sbp": the prior's interval (a, b) of log s per site
 
     @property
     def kl_scale(self) -> float:
@@ -114,8 +126,25 @@ class AutoVariationalDropoutBase:
         return value
 
     def _check_site(self, name, fn, site=None):
-        if isinstance(base_distribution(fn), ImproperLogUniform):
+        prior = base_distribution(fn)
+        if self.noise == "sbp":
+            if isinstance(prior, LogUniformNoisePrior):
+                self._noise_bounds[name] = (prior.low, prior.high)
+                return
+            if isinstance(prior, ImproperLogUniform):
+                raise ValueError(
+                    f"{type(self).__name__}(noise='sbp') needs the proper prior of structured Bayesian pruning at "
+                    f"weight site {name!r}, which has the improper log-uniform prior: build the model with "
+                    "bayesianize(net, prior=LogUniformNoisePrior(-20.0, 0.0)), or use noise='group' for the "
+                    "log-uniform prior"
+                )
+        elif isinstance(prior, ImproperLogUniform):
             return
+        elif isinstance(prior, LogUniformNoisePrior):
+            raise ValueError(
+                f"site {name!r} has the prior LogUniformNoisePrior of structured Bayesian pruning: use "
+                f"{type(self).__name__}(model, noise='sbp')"
+            )
         hint = ""
         if site is not None and any(frame.vectorized for frame in site["cond_indep_stack"]):
             # an unobserved site inside a plate: most often the likelihood, when the guide first ran without data
@@ -124,7 +153,8 @@ class AutoVariationalDropoutBase:
                 "with them, e.g. guide(x, y), so that the site is observed. Otherwise: "
             )
         raise ValueError(
-            f"{type(self).__name__} handles only sites whose prior is ImproperLogUniform, but site {name!r} has "
+            f"{type(self).__name__} handles only sites whose prior is ImproperLogUniform (LogUniformNoisePrior with "
+            f"noise='sbp'), but site {name!r} has "
             f"prior {fn!r}. " + hint + self._combine_hint(name)
         )
 
@@ -165,7 +195,7 @@ class AutoVariationalDropoutBase:
         deep_setattr(self, "locs." + name, PyroParam(init_loc, event_dim=event_dim))
         if self.dropout_rate is not None:
             return
-        if self.parameterization == "additive":
+        if self.parameterization == "additive" and self.noise == "independent":
             init = torch.full_like(init_loc, self.init_log_sigma2)
             deep_setattr(self, "log_sigma2s." + name, PyroParam(init, event_dim=event_dim))
             return
@@ -175,7 +205,29 @@ class AutoVariationalDropoutBase:
             shape = [1] * ndim
             if self.granularity == "unit" and input_axis is not None:
                 shape[input_axis] = init_loc.shape[input_axis]
-        init = torch.full(shape, self.init_log_alpha, dtype=init_loc.dtype, device=init_loc.device)
+            elif self.granularity == "output" and event_dim >= 2:
+                shape[-event_dim] = init_loc.shape[-event_dim]
+            elif self.granularity == "output":
+                raise ValueError(
+                    f"granularity='output' needs a weight (event shape) with an output axis, dim 0, and an input "
+                    f"axis; site {name!r} has event_dim={event_dim}"
+                )
+        like = dict(dtype=init_loc.dtype, device=init_loc.device)
+        if self.noise == "sbp":
+            deep_setattr(
+                self,
+                "noise_locs." + name,
+                PyroParam(torch.full(shape, self.init_noise_loc, **like), event_dim=event_dim),
+            )
+            init = torch.full(shape, self.init_noise_log_scale, **like)
+            deep_setattr(self, "noise_log_scales." + name, PyroParam(init, event_dim=event_dim))
+            return
+        if self.parameterization == "additive":  # noise="group": z_g ~ N(μ_g, σ_g²)
+            deep_setattr(self, "group_locs." + name, PyroParam(torch.ones(shape, **like), event_dim=event_dim))
+            init = torch.full(shape, self.init_log_sigma2, **like)
+            deep_setattr(self, "log_sigma2s." + name, PyroParam(init, event_dim=event_dim))
+            return
+        init = torch.full(shape, self.init_log_alpha, **like)
         deep_setattr(self, "log_alphas." + name, PyroParam(init, event_dim=event_dim))
 
     # ---- the posterior -------------------------------------------------------------------
@@ -196,7 +248,10 @@ class AutoVariationalDropoutBase:
     def posterior(self, name: str):
         """
         The guide distribution of a weight site: exactly a :class:`~pyro_vdrop.distributions.VariationalDropoutNormal`
-        or :class:`~pyro_vdrop.distributions.CorrelatedVariationalDropoutNormal`, wrapped in ``.to_event(event_dim)``.
+        (``noise="independent"``), :class:`~pyro_vdrop.distributions.CorrelatedVariationalDropoutNormal`
+        (``"correlated"``), :class:`~pyro_vdrop.distributions.GroupVariationalDropoutNormal` (``"group"``; with the
+        additive parameterization its ``loc`` is θ μ_g) or
+        :class:`~pyro_vdrop.distributions.TruncatedLogNormalDropout` (``"sbp"``), wrapped in ``.to_event(event_dim)``.
 
         :param str name: The site's name.
         :raises KeyError: if the guide has no parameters for the site (yet).
@@ -205,19 +260,41 @@ class AutoVariationalDropoutBase:
         loc = self._get_loc(name)
         # built from the guide's own parameters: valid by construction, so not re-validated on every step
         options = {"kl_approx": self.kl_approx, "log_alpha_clip": self.log_alpha_clip, "validate_args": False}
-        if self.parameterization == "additive":
+        if self.parameterization == "additive" and self.noise == "independent":
             log_sigma2 = attrgetter(name)(self.log_sigma2s)
             posterior = VariationalDropoutNormal.from_additive(loc, log_sigma2, **options)
         elif self.noise == "independent":
             posterior = VariationalDropoutNormal(loc, self._get_log_alpha_param(name, loc), **options)
+        elif self.noise == "sbp":
+            noise_loc = attrgetter(name)(self.noise_locs)
+            noise_scale = attrgetter(name)(self.noise_log_scales).exp()
+            noise_shape = self._noise_shape(loc, event_dim, input_axis)
+            low, high = self._noise_bounds[name]
+            posterior = TruncatedLogNormalDropout(
+                loc, noise_loc.expand(noise_shape), noise_scale.expand(noise_shape), low, high
+            )
+        elif self.parameterization == "additive":  # noise="group": w = θ z, z ~ N(μ, σ²) = μ N(1, α)
+            group_loc = attrgetter(name)(self.group_locs)
+            log_alpha = VariationalDropoutNormal.from_additive(group_loc, attrgetter(name)(self.log_sigma2s)).log_alpha
+            if self.max_log_alpha is not None:
+                log_alpha = cap(log_alpha, self.max_log_alpha)
+            log_alpha = log_alpha.expand(self._noise_shape(loc, event_dim, input_axis))
+            posterior = GroupVariationalDropoutNormal(loc * group_loc, log_alpha, **options)
         else:
-            batch_ndim = loc.dim() - event_dim
-            noise_shape = [
-                size if (i < batch_ndim or i - loc.dim() == input_axis) else 1 for i, size in enumerate(loc.shape)
-            ]
-            log_alpha = self._get_log_alpha_param(name, loc).expand(noise_shape)
-            posterior = CorrelatedVariationalDropoutNormal(loc, log_alpha, **options)
+            log_alpha = self._get_log_alpha_param(name, loc).expand(self._noise_shape(loc, event_dim, input_axis))
+            cls = GroupVariationalDropoutNormal if self.noise == "group" else CorrelatedVariationalDropoutNormal
+            posterior = cls(loc, log_alpha, **options)
         return posterior.to_event(event_dim)
+
+    def _noise_shape(self, loc, event_dim, input_axis):
+        """
+        The shape of the shared noise: the site's batch dims (plates) in full, and one noise variable per input
+        unit (channel), or per output unit (channel) with ``granularity="output"``; α may be shared among them
+        (``granularity="layer"``).
+        """
+        axis = -event_dim if self.granularity == "output" else input_axis
+        batch_ndim = loc.dim() - event_dim
+        return [n if (i < batch_ndim or i - loc.dim() == axis) else 1 for i, n in enumerate(loc.shape)]
 
     def _kl_scale_context(self):
         if self.kl_scale == 1:
@@ -238,14 +315,32 @@ class AutoVariationalDropoutBase:
     def _medians(self):
         self._check_initialized()
         with torch.no_grad():
+            if self.noise == "sbp":
+                # the median of w = θ s is θ times the median of s (s > 0)
+                return {name: self._base_posterior(name).median for name in self._layouts}
+            if self.noise == "group":  # θ μ_g with the additive parameterization
+                return {name: self._base_posterior(name).mean.clone() for name in self._layouts}
             return {name: self._get_loc(name).clone() for name in self._layouts}
+
+    def _base_posterior(self, name):
+        return base_distribution(self.posterior(name))
+
+    @property
+    def prune_threshold(self) -> float:
+        r"""
+        The default pruning threshold on :math:`\log\alpha`: 3 [Molchanov et al. 2017], or 0 for
+        ``noise="sbp"`` (signal-to-noise ratio below 1 [Neklyudov et al. 2017]).
+        """
+        return SBP_LOG_ALPHA_THRESHOLD if self.noise == "sbp" else PRUNE_LOG_ALPHA_THRESHOLD
 
     @pyro_method
     @torch.no_grad()
     def log_alpha(self) -> dict[str, torch.Tensor]:
         r"""
         The :math:`\log\alpha` in force for every weight (after the cap ``max_log_alpha``,
-        before the KL-only clipping ``log_alpha_clip``), with the site's full shape.
+        before the KL-only clipping ``log_alpha_clip``), with the site's full shape. With ``noise="sbp"`` it is
+        :math:`\log(\mathrm{Var}\,s / (\mathbb{E}s)^2) = -2\log\mathrm{SNR}` of the weight's noise, the quantity
+        that is :math:`\log\alpha` for Gaussian noise.
 
         :returns: A dict mapping site name to a tensor of :math:`\log\alpha`, on the parameters' device.
         :rtype: dict
@@ -254,8 +349,10 @@ class AutoVariationalDropoutBase:
         result = {}
         for name in self._layouts:
             loc = self._get_loc(name)
-            if self.parameterization == "additive":
+            if self.parameterization == "additive" and self.noise == "independent":
                 log_alpha = VariationalDropoutNormal.from_additive(loc, attrgetter(name)(self.log_sigma2s)).log_alpha
+            elif self.noise in ("sbp", "group"):
+                log_alpha = self._base_posterior(name).noise_log_alpha
             else:
                 log_alpha = self._get_log_alpha_param(name, loc)
             result[name] = log_alpha.expand(loc.shape).clone()
@@ -263,18 +360,53 @@ class AutoVariationalDropoutBase:
 
     @pyro_method
     @torch.no_grad()
-    def sparsity(self, threshold: float = PRUNE_LOG_ALPHA_THRESHOLD) -> dict:
+    def group_log_alpha(self) -> dict[str, torch.Tensor]:
         r"""
-        How many weights variational dropout would prune: those with :math:`\log\alpha > \text{threshold}`
-        (default 3, Molchanov et al. 2017); see :func:`~pyro_vdrop.infer.sparsity_summary`.
+        :math:`\log\alpha` of every noise variable (one per group: an input or output unit or channel), for the
+        shared noises (``"correlated"``, ``"group"``, ``"sbp"``); the shape is the noise's (the weight's, with
+        size 1 along the dims the noise is shared in).
 
-        :param float threshold: The pruning threshold on :math:`\log\alpha`.
-        :returns: ``{"sites": {name: stats}, "total": stats}``, where ``stats`` is a dict with
-            ``num_weights``, ``num_pruned``, ``num_kept`` (ints), ``fraction_pruned`` and
-            ``compression`` (``num_weights / num_kept``, ``inf`` if every weight is pruned).
+        :raises ValueError: for ``noise="independent"``, which has no groups.
         :rtype: dict
         """
-        return sparsity_summary(self.log_alpha(), threshold)
+        self._check_initialized()
+        if self.noise == "independent":
+            raise ValueError("noise='independent' has one noise variable per weight, no groups; see log_alpha()")
+        result = {}
+        for name in self._layouts:
+            base = base_distribution(self.posterior(name))
+            result[name] = base.noise_log_alpha.expand(base.noise_shape).clone()
+        return result
+
+    @pyro_method
+    @torch.no_grad()
+    def sparsity(self, threshold: float | None = None) -> dict:
+        r"""
+        How many weights, units and groups would be pruned: weights with :math:`\log\alpha > \text{threshold}`
+        (default :attr:`prune_threshold`: 3, Molchanov et al. 2017; 0, i.e. SNR < 1, for ``noise="sbp"``); see
+        :func:`~pyro_vdrop.infer.sparsity_summary`.
+
+        :param float threshold: The pruning threshold on :math:`\log\alpha`.
+        :returns: ``{"sites": {name: stats}, "total": stats, "units": ..., "groups": ...}``, where ``stats`` is a
+            dict with ``num_weights``, ``num_pruned``, ``num_kept`` (ints), ``fraction_pruned`` and
+            ``compression`` (``num_weights / num_kept``, ``inf`` if every weight is pruned); ``units`` counts
+            the input and output units (channels) of each site that keep a weight
+            (:func:`~pyro_vdrop.infer.sparsity.unit_summary`), and ``groups`` (shared noises only) the noise
+            variables kept (:func:`~pyro_vdrop.infer.sparsity.group_summary`).
+        :rtype: dict
+        """
+        if threshold is None:
+            threshold = self.prune_threshold
+        log_alpha = self.log_alpha()
+        result = sparsity_summary(log_alpha, threshold)
+        axes = {}
+        for name, (event_dim, input_axis) in self._layouts.items():
+            if event_dim >= 2 and input_axis is not None:
+                axes[name] = (-event_dim, input_axis)
+        result["units"] = unit_summary({name: log_alpha[name] for name in axes}, threshold, axes)
+        if self.noise != "independent":
+            result["groups"] = group_summary(self.group_log_alpha(), threshold)
+        return result
 
 
 __all__ = ["AutoVariationalDropoutBase"]

@@ -138,6 +138,11 @@ class AutoVariationalDropout(AutoVariationalDropoutBase, AutoGuide):
         if self.dropout_rate is None:
             if self.parameterization == "additive":
                 self.log_sigma2s = PyroModule()
+                if self.noise == "group":
+                    self.group_locs = PyroModule()
+            elif self.noise == "sbp":
+                self.noise_locs = PyroModule()
+                self.noise_log_scales = PyroModule()
             else:
                 self.log_alphas = PyroModule()
         self._layouts = {}
@@ -186,8 +191,9 @@ class AutoVariationalDropout(AutoVariationalDropoutBase, AutoGuide):
     @torch.no_grad()
     def median(self, *args, **kwargs) -> dict[str, torch.Tensor]:
         r"""
-        Returns the posterior median (= mean) :math:`\theta` of each weight site. To use the pruned
-        network, zero the weights with :math:`\log\alpha > 3` (see :meth:`log_alpha`).
+        Returns the posterior median (= mean) :math:`\theta` of each weight site (with ``noise="sbp"``,
+        :math:`\theta` times the median of the log-normal noise). To use the pruned network, zero the weights with
+        :math:`\log\alpha >` :attr:`prune_threshold` (see :meth:`log_alpha`).
 
         :return: A dict mapping sample site name to median tensor.
         :rtype: dict
@@ -212,8 +218,12 @@ class AutoVariationalDropout(AutoVariationalDropoutBase, AutoGuide):
         for name in self._layouts:
             base = base_distribution(self.posterior(name))
             q = torch.as_tensor(quantiles, dtype=base.loc.dtype, device=base.loc.device)
-            z = torch.special.ndtri(q.reshape((-1,) + (1,) * base.loc.dim()))
-            results[name] = base.loc + base.scale * z
+            q = q.reshape((-1,) + (1,) * base.loc.dim())
+            if self.noise == "sbp":  # w = θ s with s > 0: the q-quantile of s for θ >= 0, the (1-q)-quantile for θ < 0
+                q = torch.where(base.loc >= 0, q, 1 - q)
+                results[name] = base.loc * base.noise.icdf(q)
+                continue
+            results[name] = base.loc + base.scale * torch.special.ndtri(q)
         return results
 
 

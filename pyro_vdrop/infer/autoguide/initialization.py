@@ -12,13 +12,14 @@ import math
 import torch
 from pyro.infer.autoguide.initialization import init_to_median
 
-from pyro_vdrop.distributions import ImproperLogUniform
+from pyro_vdrop.distributions import ImproperLogUniform, LogUniformNoisePrior
 from pyro_vdrop.distributions.util import base_distribution
 
 
 def init_to_fan_in(site=None, *, fallback=init_to_median):
     r"""
-    Initializes :class:`~pyro_vdrop.distributions.ImproperLogUniform` sites like a torch
+    Initializes :class:`~pyro_vdrop.distributions.ImproperLogUniform` (and
+    :class:`~pyro_vdrop.distributions.LogUniformNoisePrior`) sites like a torch
     layer: uniformly on :math:`[-1/\sqrt{\text{fan\_in}}, 1/\sqrt{\text{fan\_in}}]`, with
     ``fan_in`` the product of all but the first dimension of the site's shape (the
     ``in_features``, or ``in_channels/groups × kernel`` of a convolution weight), and
@@ -36,7 +37,7 @@ def init_to_fan_in(site=None, *, fallback=init_to_median):
     if site is None:
         return lambda site: init_to_fan_in(site, fallback=fallback)
     prior = base_distribution(site["fn"])
-    if not isinstance(prior, ImproperLogUniform):
+    if not isinstance(prior, (ImproperLogUniform, LogUniformNoisePrior)):
         return fallback(site)
     shape = site["fn"].shape()
     fan_in = math.prod(shape[1:]) if len(shape) > 1 else 1

@@ -11,8 +11,10 @@ from pyro_vdrop.infer.sparsity import SPARSE_VD_LOG_ALPHA_CLIP
 
 from .initialization import init_to_fan_in
 
-NOISES = ("independent", "correlated")
-GRANULARITIES = ("weight", "unit", "layer")
+NOISES = ("independent", "correlated", "group", "sbp")
+GRANULARITIES = ("weight", "unit", "output", "layer")
+#: The noises shared by a group of weights (a unit, a channel or the layer), which cannot have α per weight.
+SHARED_NOISES = ("correlated", "group", "sbp")
 PARAMETERIZATIONS = ("multiplicative", "additive")
 
 #: Kingma, Salimans, Welling (2015), §3.3: the paper clamps α at 1, i.e. log α ≤ 0.
@@ -22,6 +24,12 @@ SPARSE_VD_INIT_LOG_SIGMA2 = -10.0
 #: Default initial log α of the multiplicative parameterization: weak noise (α ≈ 0.018),
 #: about where sparse VD's log σ² = -10 starts for fan-in-initialised weights.
 DEFAULT_INIT_LOG_ALPHA = -4.0
+#: The cap on log α of group variational dropout: sparse VD's upper clip (Molchanov et al. 2017, §4.1), well
+#: above the pruning threshold 3, so that a pruned group's noise stays finite.
+GROUP_MAX_LOG_ALPHA = SPARSE_VD_LOG_ALPHA_CLIP[1]
+#: Initial μ and log σ of log s for noise="sbp": s ≈ 1 (no noise yet), σ = e^-3 ≈ 0.05.
+DEFAULT_INIT_NOISE_LOC = 0.0
+DEFAULT_INIT_NOISE_LOG_SCALE = -3.0
 
 
 def check_kl_scale(value: Any) -> float:
@@ -40,14 +48,24 @@ class VariationalDropoutOptions:
     ``granularity="unit"`` for correlated noise). Make a variant with :func:`~pyro_vdrop.infer.autoguide.preset`,
     or by passing the fields as keywords, not by :func:`dataclasses.replace` of a resolved object.
 
-    :param str noise: ``"independent"`` (default; the paper's B [1]) or ``"correlated"`` (the paper's A).
-    :param str granularity: Where α varies: ``"weight"``, ``"unit"`` (along the input axis, shared
-        along plate dims) or ``"layer"`` (one α per site). Default ``"weight"`` with independent
-        noise, ``"unit"`` with correlated noise (which cannot have α per weight).
+    :param str noise: ``"independent"`` (default; the paper's B [1]), ``"correlated"`` (the paper's A),
+        ``"group"`` (group variational dropout: the noise of A, with the KL counted once per group of the model
+        :math:`w = \theta \odot z`, :math:`p(z) \propto 1/|z|`, so that whole units or channels are pruned; see
+        :class:`~pyro_vdrop.distributions.GroupVariationalDropoutNormal`) or ``"sbp"`` (structured Bayesian pruning
+        [3]: truncated log-normal noise per group, proper truncated log-uniform prior; the weight sites' prior must
+        be :class:`~pyro_vdrop.distributions.LogUniformNoisePrior`, whose interval the guide uses).
+    :param str granularity: Where α (the noise) varies: ``"weight"``, ``"unit"`` (along the input axis: input
+        units of a linear layer, input channels of a convolution; shared along plate dims), ``"output"`` (along
+        the output axis, dim 0 of the weight: output units or channels) or ``"layer"`` (one α per site). Default
+        ``"weight"`` with independent noise, ``"unit"`` with the shared noises (which cannot have α per weight).
     :param str parameterization: ``"multiplicative"`` (default; learns θ and log α, log α capped at
         ``max_log_alpha`` as in the paper) or ``"additive"`` (sparse variational dropout [2]: learns θ
-        and log σ², :math:`\log\alpha = \log\sigma^2 - \log\theta^2` unbounded; per weight and
-        independent noise only).
+        and log σ², :math:`\log\alpha = \log\sigma^2 - \log\theta^2` unbounded; per weight with
+        independent noise; with ``noise="group"`` the group noise is :math:`z_g \sim \mathcal{N}(\mu_g,
+        \sigma_g^2)` with :math:`\mu_g` (initially 1) and :math:`\log\sigma_g^2` learned per group and
+        :math:`\log\alpha_g = \log\sigma_g^2 - \log\mu_g^2`, capped at ``max_log_alpha``, the parameterization
+        of Bayesian compression's group noise [4], with which a group can be switched off by
+        :math:`\mu_g \to 0` without large noise).
     :param float dropout_rate: Fix :math:`\alpha = p/(1-p)` from a dropout rate ``p`` (Gaussian dropout
         read as a posterior [1, §3]); no α parameter, no α gradient, and the KL is a constant.
     :param float kl_scale: The factor on the KL term (default 1); the guide's ``kl_scale`` attribute starts
@@ -55,10 +73,12 @@ class VariationalDropoutOptions:
     :param str kl_approx: The KL approximation, ``"molchanov"`` or ``"kingma"``
         (:func:`~pyro_vdrop.distributions.log_uniform_kl`); default ``None``: the prior's (``"molchanov"``).
     :param tuple log_alpha_clip: ``(low, high)`` bounds on log α inside the KL only, or None.
-        Default ``"auto"``: ``(-8, 8)`` for the additive parameterization [2], None otherwise.
+        Default ``"auto"``: ``(-8, 8)`` for the additive parameterization of independent noise [2], None otherwise
+        (the group noise starts at log α = log σ² = -10, below the clip, where the clipped KL has no gradient).
     :param float max_log_alpha: Cap on the learned log α of the multiplicative parameterization,
         applied by clamping in the forward pass (no gradient beyond it). Default ``"auto"``: 0
-        (α ≤ 1 [1]); None removes the cap (then prefer ``kl_approx="molchanov"``).
+        (α ≤ 1 [1]), 8 for ``noise="group"`` (pruning needs log α above the threshold 3); None removes the cap
+        (then prefer ``kl_approx="molchanov"``).
     :param input_dim: The input axis of each site: an int (a non-negative dim of the weight, i.e. of the
         event shape, or a negative dim of the site's value), a dict ``{site name: int}``, or None for the
         torch layout.
@@ -66,16 +86,21 @@ class VariationalDropoutOptions:
         :func:`~pyro_vdrop.infer.init_to_fan_in`).
     :param float init_log_alpha: Initial log α of the multiplicative parameterization (default -4).
     :param float init_log_sigma2: Initial log σ² of the additive parameterization (default -10 [2]).
+    :param float init_noise_loc: ``noise="sbp"``: initial μ of log s (default 0).
+    :param float init_noise_log_scale: ``noise="sbp"``: initial log σ of log s (default -3).
 
     **References**
 
     [1] Kingma, Salimans, Welling. "Variational Dropout and the Local Reparameterization Trick."
         NeurIPS 2015.
     [2] Molchanov, Ashukha, Vetrov. "Variational Dropout Sparsifies Deep Neural Networks." ICML 2017.
+    [3] Neklyudov, Molchanov, Ashukha, Vetrov. "Structured Bayesian Pruning via Log-Normal Multiplicative
+        Noise." NeurIPS 2017.
+    [4] Louizos, Ullrich, Welling. "Bayesian Compression for Deep Learning." NeurIPS 2017.
     """
 
-    noise: Literal["independent", "correlated"] = "independent"
-    granularity: Literal["weight", "unit", "layer"] | None = None
+    noise: Literal["independent", "correlated", "group", "sbp"] = "independent"
+    granularity: Literal["weight", "unit", "output", "layer"] | None = None
     parameterization: Literal["multiplicative", "additive"] = "multiplicative"
     dropout_rate: float | None = None
     kl_scale: float = 1.0
@@ -86,6 +111,8 @@ class VariationalDropoutOptions:
     init_loc_fn: Callable = init_to_fan_in
     init_log_alpha: float = DEFAULT_INIT_LOG_ALPHA
     init_log_sigma2: float = SPARSE_VD_INIT_LOG_SIGMA2
+    init_noise_loc: float = DEFAULT_INIT_NOISE_LOC
+    init_noise_log_scale: float = DEFAULT_INIT_NOISE_LOG_SCALE
 
     def __post_init__(self):
         self._check_choices()
@@ -93,11 +120,18 @@ class VariationalDropoutOptions:
             self._check_dropout_rate()
         if self.parameterization == "additive":
             self._check_additive()
-        if self.noise == "correlated" and self.granularity == "weight":
+        if self.noise in SHARED_NOISES and self.granularity == "weight":
             raise ValueError(
-                "noise='correlated' shares one noise variable, hence one α, among the weights of an input unit: "
-                "use granularity='unit' or 'layer', or noise='independent' for α per weight"
+                f"noise={self.noise!r} shares one noise variable, hence one α, among the weights of a unit: "
+                "use granularity='unit', 'output' or 'layer', or noise='independent' for α per weight"
             )
+        if self.noise == "independent" and self.granularity == "output":
+            raise ValueError(
+                "granularity='output' (α per output unit) is for the shared noises; with noise='independent' use "
+                "'weight', 'unit' or 'layer', or noise='group' to prune output units"
+            )
+        if self.noise == "sbp":
+            self._check_sbp()
         if self.input_dim is not None and not isinstance(self.input_dim, (int, dict)):
             raise TypeError(f"input_dim must be an int, a dict {{site name: int}} or None, got {self.input_dim!r}")
         if not callable(self.init_loc_fn):
@@ -130,11 +164,31 @@ class VariationalDropoutOptions:
         if self.max_log_alpha != "auto":
             raise ValueError("dropout_rate fixes α, so max_log_alpha does not apply; leave it unset")
 
+    def _check_sbp(self):
+        fixed = {  # the values that mean "none" (the resolved options hold None)
+            "kl_approx": (None,),
+            "log_alpha_clip": ("auto", None),
+            "max_log_alpha": ("auto", None),
+            "dropout_rate": (None,),
+        }
+        for name, allowed in fixed.items():
+            value = getattr(self, name)
+            if not any(value is a or value == a for a in allowed):
+                raise ValueError(
+                    f"noise='sbp' learns log-normal noise with the exact KL to its truncated log-uniform prior; "
+                    f"{name} (an option of the Gaussian noises) does not apply: leave it unset, got {value!r}"
+                )
+        if not math.isfinite(self.init_noise_loc) or not math.isfinite(self.init_noise_log_scale):
+            raise ValueError("init_noise_loc and init_noise_log_scale must be finite numbers")
+
     def _check_additive(self):
+        if self.noise == "group":
+            return  # the group noise N(μ_g, σ_g²): σ_g² and μ_g per group, log α_g capped by max_log_alpha
         if self.noise != "independent":
             raise ValueError(
                 "parameterization='additive' learns σ² per weight, which cannot be shared by the weights of a "
-                "unit: use noise='independent' (or the multiplicative parameterization for correlated noise)"
+                "unit: use noise='independent' or noise='group' (or the multiplicative parameterization for "
+                "correlated noise)"
             )
         if self.granularity not in (None, "weight"):
             raise ValueError(
@@ -152,17 +206,23 @@ class VariationalDropoutOptions:
         """Replaces the defaults ``None`` / ``"auto"`` by the values in force."""
         granularity = self.granularity
         if granularity is None:
-            granularity = "unit" if self.noise == "correlated" else "weight"
+            granularity = "unit" if self.noise in SHARED_NOISES else "weight"
         log_alpha_clip = self.log_alpha_clip
         if log_alpha_clip == "auto":
-            log_alpha_clip = SPARSE_VD_LOG_ALPHA_CLIP if self.parameterization == "additive" else None
+            additive = self.parameterization == "additive" and self.noise == "independent"
+            log_alpha_clip = SPARSE_VD_LOG_ALPHA_CLIP if additive else None
         if log_alpha_clip is not None:
             log_alpha_clip = tuple(float(v) for v in log_alpha_clip)
             if len(log_alpha_clip) != 2 or not log_alpha_clip[0] < log_alpha_clip[1]:
                 raise ValueError(f"log_alpha_clip must be (low, high) with low < high, or None; got {log_alpha_clip!r}")
         max_log_alpha = self.max_log_alpha
         if max_log_alpha == "auto":
-            max_log_alpha = PAPER_MAX_LOG_ALPHA if self.parameterization == "multiplicative" else None
+            if self.noise == "group":
+                max_log_alpha = GROUP_MAX_LOG_ALPHA
+            elif self.noise == "sbp" or self.parameterization != "multiplicative":
+                max_log_alpha = None
+            else:
+                max_log_alpha = PAPER_MAX_LOG_ALPHA
         resolved = {
             "granularity": granularity,
             "log_alpha_clip": log_alpha_clip,
@@ -170,6 +230,8 @@ class VariationalDropoutOptions:
             "kl_scale": check_kl_scale(self.kl_scale),
             "init_log_alpha": float(self.init_log_alpha),
             "init_log_sigma2": float(self.init_log_sigma2),
+            "init_noise_loc": float(self.init_noise_loc),
+            "init_noise_log_scale": float(self.init_noise_log_scale),
         }
         for name, value in resolved.items():
             object.__setattr__(self, name, value)  # frozen: set once, while constructing
@@ -177,8 +239,12 @@ class VariationalDropoutOptions:
 
 __all__ = [
     "DEFAULT_INIT_LOG_ALPHA",
+    "DEFAULT_INIT_NOISE_LOC",
+    "DEFAULT_INIT_NOISE_LOG_SCALE",
     "GRANULARITIES",
+    "GROUP_MAX_LOG_ALPHA",
     "NOISES",
+    "SHARED_NOISES",
     "PAPER_MAX_LOG_ALPHA",
     "PARAMETERIZATIONS",
     "SPARSE_VD_INIT_LOG_SIGMA2",

@@ -1,5 +1,5 @@
 # SPDX-License-Identifier: Apache-2.0
-"""
+r"""
 The papers' variants of variational dropout as named option sets:
 
 ========================  ==========================================================================
@@ -12,12 +12,21 @@ The papers' variants of variational dropout as named option sets:
 ``"A2"``                  A with the KL term scaled by 1/3 [1, §5]
 ``"gaussian-dropout"``    Gaussian dropout read as a posterior [1, §3]: correlated noise with
                           α = p / (1 - p) fixed from a dropout rate (``dropout_rate=p`` is required)
+``"group"``               group variational dropout [3, 4]: Gaussian noise per input unit (channel),
+                          :math:`z_g \sim \mathcal{N}(\mu_g, \sigma_g^2)` learned additively, the KL once per
+                          group, log α ≤ 8; prunes whole units
+``"sbp"``                 structured Bayesian pruning [3]: truncated log-normal noise per input unit
+                          (channel), the exact KL to the proper truncated log-uniform prior (the weight
+                          sites' prior must be :class:`~pyro_vdrop.distributions.LogUniformNoisePrior`)
 ========================  ==========================================================================
 
 **References**
 
 [1] Kingma, Salimans, Welling. "Variational Dropout and the Local Reparameterization Trick." NeurIPS 2015.
 [2] Molchanov, Ashukha, Vetrov. "Variational Dropout Sparsifies Deep Neural Networks." ICML 2017.
+[3] Neklyudov, Molchanov, Ashukha, Vetrov. "Structured Bayesian Pruning via Log-Normal Multiplicative Noise."
+    NeurIPS 2017.
+[4] Louizos, Ullrich, Welling. "Bayesian Compression for Deep Learning." NeurIPS 2017.
 """
 
 from types import MappingProxyType
@@ -40,6 +49,8 @@ PRESETS = MappingProxyType(
         "A": MappingProxyType({"noise": "correlated", "kl_approx": "kingma"}),
         "A2": MappingProxyType({"noise": "correlated", "kl_approx": "kingma", "kl_scale": A2_KL_SCALE}),
         "gaussian-dropout": MappingProxyType({"noise": "correlated", "kl_approx": "kingma"}),
+        "group": MappingProxyType({"noise": "group", "parameterization": "additive"}),
+        "sbp": MappingProxyType({"noise": "sbp"}),
     }
 )
 
@@ -51,7 +62,8 @@ def preset(name: str, **overrides: Any) -> VariationalDropoutOptions:
         guide = AutoVariationalDropout(model, options=preset("A2"))
         guide = AutoVariationalDropout(model, options=preset("gaussian-dropout", dropout_rate=0.5))
 
-    :param str name: One of :data:`PRESETS`: ``"sparse"``, ``"B"``, ``"A"``, ``"A2"``, ``"gaussian-dropout"``.
+    :param str name: One of :data:`PRESETS`: ``"sparse"``, ``"B"``, ``"A"``, ``"A2"``, ``"gaussian-dropout"``,
+        ``"group"``, ``"sbp"``.
     :param overrides: Fields of :class:`~pyro_vdrop.infer.autoguide.VariationalDropoutOptions` (e.g.
         ``dropout_rate`` for ``"gaussian-dropout"``, ``init_loc_fn``).
     :rtype: VariationalDropoutOptions

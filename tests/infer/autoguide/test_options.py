@@ -26,7 +26,7 @@ def test_options_are_frozen_and_validated():
         VariationalDropoutOptions(noise="dependent")
     with pytest.raises(ValueError, match="kl_scale must be a finite number"):
         VariationalDropoutOptions(kl_scale=-1.0)
-    with pytest.raises(ValueError, match="granularity='unit' or 'layer'"):
+    with pytest.raises(ValueError, match="granularity='unit', 'output' or 'layer'"):
         VariationalDropoutOptions(noise="correlated", granularity="weight")
 
 
@@ -38,6 +38,9 @@ PAPER_VARIANTS = {
     "A": dict(noise="correlated", kl_approx="kingma"),
     "A2": dict(noise="correlated", kl_approx="kingma", kl_scale=1 / 3),
     "gaussian-dropout": dict(noise="correlated", kl_approx="kingma", dropout_rate=0.25),
+    # group VD (Louizos et al. 2017's additive group noise) and structured Bayesian pruning (Neklyudov et al. 2017)
+    "group": dict(noise="group", parameterization="additive"),
+    "sbp": dict(noise="sbp"),
 }
 
 
@@ -45,7 +48,7 @@ PAPER_VARIANTS = {
 def test_presets_are_the_paper_variants_and_the_training_loop_uses_them(name):
     overrides = {"dropout_rate": 0.25} if name == "gaussian-dropout" else {}
     assert preset(name, **overrides) == VariationalDropoutOptions(**PAPER_VARIANTS[name])
-    model = bayesianize(torch.nn.Linear(3, 2), num_data=10)
+    model = train.build_model(torch.nn.Linear(3, 2), num_data=10, guide=name)
     guide = train.build_guide(model, train.TrainConfig(guide=name, dropout_p=0.25))
     assert guide.options == preset(name, **overrides)
     x, y = torch.randn(4, 3), torch.randint(0, 2, (4,))
