@@ -97,8 +97,8 @@ def _add_run_argument(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_threshold_argument(parser: argparse.ArgumentParser) -> None:
-    help = f"pruning threshold on log α (default: {PRUNE_THRESHOLD})"
-    parser.add_argument("--threshold", type=_parse("finite_number"), default=PRUNE_THRESHOLD, help=help)
+    help = f"pruning threshold on log α (default: the run's guide's, {PRUNE_THRESHOLD}; 0 for --guide sbp: SNR < 1)"
+    parser.add_argument("--threshold", type=_parse("finite_number"), default=None, help=help)
 
 
 def _add_fit_parser(commands) -> None:

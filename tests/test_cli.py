@@ -58,6 +58,14 @@ def test_fit_group_guides_print_units_kept(guide, threshold, tmp_path, capsys):
     units = summary["units"]
     assert list(units) == ["fc1.weight", "fc2.weight", "fc3.weight", "fc4.weight"]
     assert units["fc1.weight"]["inputs"] == units["fc1.weight"]["groups"] == 784
+    # evaluate, report and export prune at the guide's threshold unless told otherwise
+    assert main(["evaluate", "--run", str(out), "--num-samples", "2"]) == 0
+    assert json.loads((out / "evaluation.json").read_text())["threshold"] == float(threshold)
+    capsys.readouterr()
+    assert main(["export", "--run", str(out), "--out", str(tmp_path / "net.pt")]) == 0
+    assert f"log α > {threshold} pruned" in capsys.readouterr().out
+    assert main(["evaluate", "--run", str(out), "--num-samples", "2", "--threshold", "5"]) == 0
+    assert json.loads((out / "evaluation.json").read_text())["threshold"] == 5.0
 
 
 def test_sbp_needs_the_local_reparameterization(tmp_path, capsys):

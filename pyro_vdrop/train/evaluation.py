@@ -102,6 +102,12 @@ def error_rate(logits: torch.Tensor, y: torch.Tensor) -> float:
     return float((logits.argmax(-1) != y).double().mean())
 
 
+def guide_threshold(guide, threshold: float | None = None) -> float:
+    """``threshold``, or if None the guide's pruning threshold (``guide.prune_threshold``: 3, or 0 for structured
+    Bayesian pruning, whose rule SNR < 1 is log α > 0)."""
+    return getattr(guide, "prune_threshold", PRUNE_THRESHOLD) if threshold is None else threshold
+
+
 def sparsity_stats(guide, *, threshold: float | None = None) -> dict:
     r"""
     :meth:`~pyro_vdrop.infer.AutoVariationalDropout.sparsity` (:func:`~pyro_vdrop.infer.sparsity.sparsity_summary`)
@@ -114,8 +120,7 @@ def sparsity_stats(guide, *, threshold: float | None = None) -> dict:
     :param float threshold: The pruning threshold on :math:`\log\alpha`; default: the guide's ``prune_threshold``
         (3, or 0 for structured Bayesian pruning), or 3 for a guide without one.
     """
-    if threshold is None:
-        threshold = getattr(guide, "prune_threshold", PRUNE_THRESHOLD)
+    threshold = guide_threshold(guide, threshold)
     stats = guide.sparsity(threshold)
 
     def convert(s):
@@ -154,8 +159,7 @@ def held_out_figures(session: Session, *, threshold: float | None = None) -> dic
     The test error of the θ network and of the pruned network, and the sparsity, of a session's guide now; the
     threshold defaults to the guide's ``prune_threshold``.
     """
-    if threshold is None:
-        threshold = getattr(session.guide, "prune_threshold", PRUNE_THRESHOLD)
+    threshold = guide_threshold(session.guide, threshold)
     theta, log_alpha = posterior(session.guide)
     x, y = session.x_test, session.y_test
     batch_size = session.eval_batch_size
@@ -338,7 +342,7 @@ def evaluate(
     run_dir: str | os.PathLike,
     *,
     num_samples: int = 10,
-    threshold: float = PRUNE_THRESHOLD,
+    threshold: float | None = None,
     device: str | None = None,
     data_dir: str | None = None,
     seed: int = 0,
@@ -361,7 +365,8 @@ def evaluate(
 
     :param run_dir: A directory written by :func:`fit`.
     :param int num_samples: Posterior draws for the predictive.
-    :param float threshold: The pruning threshold on :math:`\log\alpha`.
+    :param float threshold: The pruning threshold on :math:`\log\alpha`; default: the guide's ``prune_threshold``
+        (3, or 0 for structured Bayesian pruning: SNR < 1).
     :param str device: Where to compute (default: the run's).
     :param str data_dir: Where the MNIST files are now (default: the run's).
     :param int seed: Seed of the Monte Carlo draws and of the shifted images.
@@ -369,11 +374,13 @@ def evaluate(
     """
     if not isinstance(num_samples, int) or isinstance(num_samples, bool) or num_samples < 1:
         raise RunError(f"--num-samples must be a positive integer; got {num_samples!r}")
-    check_threshold(threshold)
+    if threshold is not None:
+        check_threshold(threshold)
     run_dir = Path(run_dir)
     t0 = time.perf_counter()
     in_progress = run_in_progress(run_dir)
     session, state = open_run(run_dir, device=device, data_dir=data_dir)
+    threshold = guide_threshold(session.guide, threshold)
     x, y = session.x_test, session.y_test
     batch_size = session.eval_batch_size
     theta, log_alpha = posterior(session.guide)
@@ -434,6 +441,7 @@ __all__ = [
     "OOD_SHIFTS",
     "PIXEL_NOISE_STD",
     "check_threshold",
+    "guide_threshold",
     "classification_figures",
     "error_rate",
     "evaluate",

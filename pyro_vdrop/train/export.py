@@ -13,9 +13,8 @@ from pathlib import Path
 import torch
 
 from pyro_vdrop.nn import compress, compressed_bytes, count_parameters, layer_widths, load_compressed, prune
-from pyro_vdrop.train.config import PRUNE_THRESHOLD
 from pyro_vdrop.train.errors import RunError
-from pyro_vdrop.train.evaluation import check_threshold, error_rate, open_run
+from pyro_vdrop.train.evaluation import check_threshold, error_rate, guide_threshold, open_run
 from pyro_vdrop.train.run_dir import atomic_write, run_in_progress
 
 #: The layers whose output widths :func:`~pyro_vdrop.nn.layer_widths` lists.
@@ -52,7 +51,7 @@ def export_run(
     out: str | os.PathLike,
     *,
     sparse: bool = False,
-    threshold: float = PRUNE_THRESHOLD,
+    threshold: float | None = None,
     repeats: int = LATENCY_REPEATS,
 ) -> dict:
     r"""
@@ -68,7 +67,8 @@ def export_run(
     :param run_dir: A directory written by :func:`~pyro_vdrop.train.fit`.
     :param out: The file to write (atomically).
     :param bool sparse: Store the kept weights only (compressed sparse rows), where that is smaller.
-    :param float threshold: The pruning threshold on :math:`\log\alpha`.
+    :param float threshold: The pruning threshold on :math:`\log\alpha`; default: the guide's ``prune_threshold``
+        (3, or 0 for structured Bayesian pruning).
     :param int repeats: Timed forward passes per network and batch size.
     :returns: ``widths`` and ``exported_widths`` (:func:`~pyro_vdrop.nn.layer_widths`), ``layers`` (the weighted
         layers' names), ``parameters`` / ``exported_parameters``, ``dense_bytes`` (the dense network in the same
@@ -77,12 +77,14 @@ def export_run(
         networks' logits on the test set), ``num_test``, ``out``, ``in_progress``.
     :rtype: dict
     """
-    check_threshold(threshold)
+    if threshold is not None:
+        check_threshold(threshold)
     run_dir, out = Path(run_dir), Path(out)
     if not out.parent.is_dir():
         raise RunError(f"--out {out}: the folder {out.parent} does not exist")
     in_progress = run_in_progress(run_dir)
     session, _ = open_run(run_dir, device="cpu")
+    threshold = guide_threshold(session.guide, threshold)
     dense = prune(session.model, session.guide, threshold=threshold).eval()
     try:
         small = compress(dense)

@@ -13,9 +13,8 @@ from pathlib import Path
 import torch
 
 from pyro_vdrop.nn import SelectInputs, compress, layer_widths, prune
-from pyro_vdrop.train.config import PRUNE_THRESHOLD
 from pyro_vdrop.train.errors import RunError
-from pyro_vdrop.train.evaluation import check_threshold, open_run, posterior, sparsity_stats
+from pyro_vdrop.train.evaluation import check_threshold, guide_threshold, open_run, posterior, sparsity_stats
 from pyro_vdrop.train.run_dir import EVALUATION_FILE, REPORT_FIGURES, REPORT_FILE, atomic_write, run_in_progress
 
 
@@ -432,7 +431,7 @@ def _write_uncertainty(
         text.write(f"![entropy histograms]({REPORT_FIGURES[4]})\n\n")
 
 
-def write_report(run_dir: str | os.PathLike, *, max_units: int = 100, threshold: float = PRUNE_THRESHOLD) -> Path:
+def write_report(run_dir: str | os.PathLike, *, max_units: int = 100, threshold: float | None = None) -> Path:
     r"""
     Writes ``report.md`` and its figures into ``run_dir``: a histogram of :math:`\log\alpha` per layer, the curves of
     test error, sparsity and ELBO over the epochs, and the kept-weight masks of the first layer (for a 784-input
@@ -444,14 +443,17 @@ def write_report(run_dir: str | os.PathLike, *, max_units: int = 100, threshold:
     malformed in it is left out of the report. Every file is written atomically (a symlink in its place is replaced,
     not followed).
 
+    :param float threshold: The pruning threshold on :math:`\log\alpha`; default: the guide's ``prune_threshold``.
     :returns: The path of ``report.md``.
     :raises RunError: if matplotlib is not installed or ``run_dir`` is not a run.
     """
-    check_threshold(threshold)
+    if threshold is not None:
+        check_threshold(threshold)
     plt = _import_pyplot()
     run_dir = Path(run_dir)
     in_progress = run_in_progress(run_dir)
     session, state = open_run(run_dir, device="cpu")
+    threshold = guide_threshold(session.guide, threshold)
     theta, log_alpha = posterior(session.guide)
     stats = sparsity_stats(session.guide, threshold=threshold)
 
