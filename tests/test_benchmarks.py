@@ -20,7 +20,7 @@ def _finite_positive(value):
 
 
 def test_quick_step_suite(tmp_path):
-    variants = ["deterministic", "torch_lrt", "pyro_vdrop_lrt"]
+    variants = ["deterministic", "torch_lrt", "pyro_vdrop_lrt", "pyro_vdrop_lrt_validated"]
     code = run.main(["--quick", "--only", ",".join(["linear512"] + variants), "--out", str(tmp_path)])
     assert code == 0
     (path,) = tmp_path.glob("*.json")
@@ -44,6 +44,8 @@ def test_quick_step_suite(tmp_path):
         assert row["p25_ms"] <= row["median_ms"] <= row["p75_ms"]
         for key in ("step_peak_mib", "state_mib", "total_peak_mib"):
             assert math.isfinite(row[key]) and row[key] >= 0
+        ratio = row["memory_ratio_to_deterministic"]  # None where the deterministic step's peak rounds to 0
+        assert ratio is None or ratio == pytest.approx(row["step_peak_mib"] / rows["deterministic"]["step_peak_mib"])
     assert rows["torch_lrt"]["ratio_to_torch_lrt"] == 1.0
     markdown = table.step_markdown(record)
     assert "`pyro_vdrop_lrt`" in markdown and "Quick mode" in markdown
@@ -164,3 +166,22 @@ def test_prediction_kl_quick(tmp_path):
     (row,) = record["results"]
     assert set(row["ms_per_draw"]) == {"without KL (now)", "with KL (before)"}
     assert all(math.isfinite(v) and v > 0 for v in row["ms_per_draw"].values())
+
+
+@pytest.mark.parametrize("name", ["pyro_vdrop_lrt_validated", "pyro_vdrop_sparse_validated"])
+def test_validated_variants_validate(name):
+    # the worker turns Pyro's validation off; these variants turn it on for their own steps (labels out of the
+    # Categorical's support then raise a ValueError naming the support) and leave it as it was
+    import pyro
+
+    from benchmarks.models import make_batch
+    from benchmarks.variants import build
+
+    pyro.enable_validation(False)
+    v = build(name, "linear512")
+    x, y = make_batch("linear512", 8)
+    with v.scope():
+        v.step(x, y)
+        with pytest.raises(ValueError, match="support"):
+            v.step(x, torch.full_like(y, 10_000))
+    assert not pyro.poutine.util.is_validation_enabled()
