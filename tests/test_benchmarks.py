@@ -185,3 +185,17 @@ def test_validated_variants_validate(name):
         with pytest.raises(ValueError, match="support"):
             v.step(x, torch.full_like(y, 10_000))
     assert not pyro.poutine.util.is_validation_enabled()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the script's path without CUDA")
+def test_gpu_check_skips_without_cuda(tmp_path):
+    proc = subprocess.run(
+        ["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), str(tmp_path / "out")],
+        capture_output=True,
+        text=True,
+        env={"PATH": "/usr/bin:/bin", "PYTHON": sys.executable},
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "skipped: CUDA is not available" in proc.stdout
+    assert not (tmp_path / "out").exists()  # nothing was run
