@@ -8,6 +8,8 @@ machine falls on every variant alike.
 
 - ``--what fused-lrt``: the LRT linear layer as one autograd node (``linear_lrt(..., fused=True)``) against
   autograd of the formula (``fused=False``, the default)
+- ``--what masks``: the backward passes of the additive log α and the clipped KL with float indicators made by
+  ``sign`` (as now) against the bool masks and ``masked_fill_`` they used before
 - ``--what adam``: ``JointOptim(torch.optim.Adam, {"lr": 1e-3})`` (torch's default on CPU: the per-tensor loop)
   against ``foreach=True`` and ``fused=True``
 
@@ -17,6 +19,7 @@ Usage: ``python benchmarks/step_ab.py --what fused-lrt [--rounds 20] [--steps 10
 """
 
 import argparse
+import contextlib
 import json
 import statistics
 import sys
@@ -30,6 +33,8 @@ from pyro.infer import SVI, TraceMeanField_ELBO
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository root
 
 import pyro_vdrop  # noqa: E402
+import pyro_vdrop.distributions.kl as kl  # noqa: E402
+import pyro_vdrop.distributions.variational_dropout_normal as vdn  # noqa: E402
 import pyro_vdrop.poutine.lazy_weight as lazy_weight  # noqa: E402
 from pyro_vdrop.infer import AutoVariationalDropout  # noqa: E402
 from pyro_vdrop.optim import JointOptim  # noqa: E402
@@ -38,12 +43,42 @@ from pyro_vdrop.poutine.lazy_ops import linear_lrt  # noqa: E402
 from pyro_vdrop.util import environment  # noqa: E402
 
 
+def _masked_additive_backward(ctx, grad):
+    # _AdditiveLogAlpha.backward before the float indicator (a bool mask and masked_fill_)
+    (loc,) = ctx.saved_tensors
+    below = loc.abs() < torch.finfo(loc.dtype).tiny
+    return grad.div(loc).mul_(-2.0).masked_fill_(below, 0.0), grad
+
+
+def _masked_kl_backward(ctx, grad):
+    # _MolchanovKL.backward (first-order path) before the float indicator
+    log_alpha, inner, u = ctx.saved_tensors
+    d = inner.neg().sigmoid_().add_(torch.addcmul(u, u, u, value=-1.0), alpha=2 * kl.MOLCHANOV_K1 * kl.MOLCHANOV_K3)
+    d = d.mul_(grad).mul_(-0.5)
+    if ctx.clip is not None:
+        d = d.masked_fill_(inner != log_alpha, 0.0)
+    return d, None, None
+
+
+@contextlib.contextmanager
+def _masks(old):
+    """The backward passes of the additive log α and the clipped KL as they were (``old``) or are."""
+    saved = vdn._AdditiveLogAlpha.backward, kl._MolchanovKL.backward
+    if old:
+        vdn._AdditiveLogAlpha.backward = staticmethod(_masked_additive_backward)
+        kl._MolchanovKL.backward = staticmethod(_masked_kl_backward)
+    try:
+        yield
+    finally:
+        vdn._AdditiveLogAlpha.backward, kl._MolchanovKL.backward = (staticmethod(f) for f in saved)
+
+
 def _fused(*args, **kwargs):
     return linear_lrt(*args, fused=True, **kwargs)
 
 
-def make_step(optim_args, validate, fused=False):
-    """A README step; ``fused`` selects the LRT kernel while the step runs."""
+def make_step(optim_args, validate, fused=False, old_masks=False):
+    """A README step; ``fused`` selects the LRT kernel and ``old_masks`` the backward passes while the step runs."""
     model = pyro_vdrop.nn.bayesianize(pyro_vdrop.nn.lenet_300_100(), num_data=60000)
     guide = AutoVariationalDropout(model, parameterization="additive")
     svi = SVI(model, guide, JointOptim(torch.optim.Adam, optim_args), TraceMeanField_ELBO())
@@ -52,7 +87,7 @@ def make_step(optim_args, validate, fused=False):
         pyro.enable_validation(validate)
         lazy_weight.linear_lrt = _fused if fused else linear_lrt
         try:
-            with local_reparam():
+            with local_reparam(), _masks(old_masks):
                 return svi.step(x, y)
         finally:
             lazy_weight.linear_lrt = linear_lrt
@@ -62,7 +97,7 @@ def make_step(optim_args, validate, fused=False):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--what", choices=("fused-lrt", "adam"), required=True)
+    parser.add_argument("--what", choices=("fused-lrt", "masks", "adam"), required=True)
     parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--steps", type=int, default=10, help="steps per variant = rounds x steps")
     parser.add_argument("--warmup", type=int, default=5)
@@ -83,6 +118,9 @@ def main():
         fused = make_step(lr, validate, fused=True)
         variants = {"fused": fused, "unfused": make_step(lr, validate, fused=False)}
         baseline = "unfused"
+    elif args.what == "masks":
+        variants = {"float": make_step(lr, validate), "bool": make_step(lr, validate, old_masks=True)}
+        baseline = "bool"
     else:
         variants = {
             "default": make_step(lr, validate),
