@@ -1,7 +1,8 @@
 # SPDX-License-Identifier: Apache-2.0
 """
 The benchmark suite against the peers: step time and peak memory of one training step (forward + backward +
-optimizer step) for each variant, and how the step time scales with the batch size and the width.
+optimizer step) for each variant (with its step memory over the deterministic step's), and how the step time
+scales with the batch size and the width.
 
 1. **Step time and memory** at batch 32 / 100 / 1000 for the MNIST MLP 784-300-100-10, LeNet-5-Caffe and one
    512 -> 512 linear layer; variants: the deterministic net, the hand-written torch VD-LRT (``torch_lrt``, the
@@ -11,7 +12,8 @@ optimizer step) for each variant, and how the step time scales with the batch si
    (width 512) and vs width (a width -> width layer, batch 100), with growth factors.
 
 Each comparison (model, batch size) runs in a process of its own, variants interleaved (see
-``benchmarks/measure.py`` for the timing and memory methods). Pyro validation is off in all Pyro variants.
+``benchmarks/measure.py`` for the timing and memory methods). Pyro validation is off in all Pyro variants but the
+``*_validated`` ones (Pyro's default, on).
 Results go to ``--out`` (default ``benchmarks/results/``) as ``suite_step-<device>.json`` and
 ``suite_scaling-<device>.json`` (``-quick`` / ``-partial`` for quick or filtered runs); the tables are printed
 and ``--write-readme`` puts them into ``benchmarks/README.md``.
@@ -62,7 +64,10 @@ MEMORY = {"warmup": 1, "steps": 2}
 QUICK_MEMORY = {"warmup": 1, "steps": 1}
 
 NOTES = [
-    "Pyro validation is off (pyro.enable_validation(False)) in every Pyro-based variant, ours and TyXe's.",
+    "Pyro validation is off (pyro.enable_validation(False)) in every Pyro-based variant, ours and TyXe's, except "
+    "pyro_vdrop_lrt_validated and pyro_vdrop_sparse_validated (Pyro's default, on).",
+    "memory_ratio_to_deterministic: the step's peak memory above the state (activations, gradients, temporaries) "
+    "over the deterministic step's.",
     "Inputs are random MNIST-shaped minibatches (step times do not depend on the values); N = 60,000.",
     "torch_lrt: the same maths as pyro-vdrop's default: Molchanov KL, log alpha capped at 0 (a plain clamp), "
     "one torch.optim.Adam. pyro_vdrop_lrt trains with pyro_vdrop.optim.JointOptim(torch.optim.Adam) (one torch "
@@ -144,12 +149,15 @@ def _point_rows(point, capped=None):
     results = point["results"]
     ref = results.get(REFERENCE, {}).get("median_ms")
     det = results.get("deterministic", {}).get("median_ms")
+    det_mib = results.get("deterministic", {}).get("step_peak_mib")
     rows = []
     for name, r in results.items():
         row = {"variant": name, **r}
         if "median_ms" in r:
             row["ratio_to_torch_lrt"] = r["median_ms"] / ref if ref else None
             row["ratio_to_deterministic"] = r["median_ms"] / det if det else None
+        if "step_peak_mib" in r:  # step memory (activations and gradients) over the deterministic step's
+            row["memory_ratio_to_deterministic"] = r["step_peak_mib"] / det_mib if det_mib else None
         rows.append(row)
     skipped = dict(point["skipped"])
     skipped.update(capped or {})

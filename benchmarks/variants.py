@@ -29,6 +29,10 @@ OWN_VARIANTS = {
     "capped at 0), torch.optim.Adam",
     "pyro_vdrop_lrt": "bayesianize + AutoVariationalDropout + SVI(JointOptim(torch.optim.Adam), "
     'TraceMeanField_ELBO) under local_reparam(estimator="lrt")',
+    "pyro_vdrop_lrt_validated": "pyro_vdrop_lrt with Pyro's validation on (pyro.enable_validation(True), Pyro's "
+    "default; every other Pyro variant runs with it off)",
+    "pyro_vdrop_sparse_validated": "the sparse VD path of README.md: pyro_vdrop_lrt with AutoVariationalDropout(model, "
+    'parameterization="additive"), validation on',
     "pyro_vdrop_flipout": 'the same under local_reparam(estimator="flipout")',
     "pyro_weight_sample": "the same model and guide without the handler: one weight sample per minibatch",
     "pyro_vdrop_per_example": 'the same under local_reparam(estimator="per-example"): a weight sample per example',
@@ -37,7 +41,14 @@ VARIANTS = {**OWN_VARIANTS, **{name: spec["description"] for name, spec in PEER_
 #: the variants of the step-time suite, in table order (per-example weights only in the scaling study)
 STEP_VARIANTS = [name for name in VARIANTS if name != "pyro_vdrop_per_example"]
 SCALING_VARIANTS = ["deterministic", "torch_lrt", "pyro_vdrop_lrt", "pyro_vdrop_per_example"]
-_ESTIMATORS = {"pyro_vdrop_lrt": "lrt", "pyro_vdrop_flipout": "flipout", "pyro_vdrop_per_example": "per-example"}
+_ESTIMATORS = {
+    "pyro_vdrop_lrt": "lrt",
+    "pyro_vdrop_lrt_validated": "lrt",
+    "pyro_vdrop_sparse_validated": "lrt",
+    "pyro_vdrop_flipout": "flipout",
+    "pyro_vdrop_per_example": "per-example",
+}
+_VALIDATED = ("pyro_vdrop_lrt_validated", "pyro_vdrop_sparse_validated")
 
 
 @dataclass
@@ -75,17 +86,18 @@ def torch_step(module, loss_fn, lr=1e-3):
     return step
 
 
-def _pyro_vdrop(net, estimator, lr):
+def _pyro_vdrop(net, estimator, lr, *, validate=False, **guide_options):
     # the user code of README.md ("From a torch network", "The local reparameterization trick")
     model = pyro_vdrop.nn.bayesianize(net, num_data=NUM_DATA)
-    guide = pyro_vdrop.infer.AutoVariationalDropout(model)
+    guide = pyro_vdrop.infer.AutoVariationalDropout(model, **guide_options)
     optim = pyro_vdrop.optim.JointOptim(torch.optim.Adam, {"lr": lr})
     svi = SVI(model, guide, optim, TraceMeanField_ELBO())
     if estimator is None:
         return svi.step
 
     def step(x, y):
-        with pyro_vdrop.poutine.local_reparam(estimator=estimator):
+        # the worker turns validation off; the validated variants turn it on for their own steps
+        with pyro.validation_enabled(validate), pyro_vdrop.poutine.local_reparam(estimator=estimator):
             return svi.step(x, y)
 
     return step
@@ -112,7 +124,8 @@ def build(name, model_name, *, device="cpu", dtype=torch.float32, lr=1e-3, seed=
         if name in PEER_VARIANTS:
             step = build_peer(name, net, num_data=NUM_DATA, lr=lr)
         else:
-            step = _pyro_vdrop(net, _ESTIMATORS.get(name), lr)
+            options = {"parameterization": "additive"} if name == "pyro_vdrop_sparse_validated" else {}
+            step = _pyro_vdrop(net, _ESTIMATORS.get(name), lr, validate=name in _VALIDATED, **options)
     if PEER_VARIANTS.get(name, {}).get("pyro", True):
         return Variant(name, step, state)
     return Variant(name, step)

@@ -20,7 +20,7 @@ def _finite_positive(value):
 
 
 def test_quick_step_suite(tmp_path):
-    variants = ["deterministic", "torch_lrt", "pyro_vdrop_lrt"]
+    variants = ["deterministic", "torch_lrt", "pyro_vdrop_lrt", "pyro_vdrop_lrt_validated"]
     code = run.main(["--quick", "--only", ",".join(["linear512"] + variants), "--out", str(tmp_path)])
     assert code == 0
     (path,) = tmp_path.glob("*.json")
@@ -44,6 +44,8 @@ def test_quick_step_suite(tmp_path):
         assert row["p25_ms"] <= row["median_ms"] <= row["p75_ms"]
         for key in ("step_peak_mib", "state_mib", "total_peak_mib"):
             assert math.isfinite(row[key]) and row[key] >= 0
+        ratio = row["memory_ratio_to_deterministic"]  # None where the deterministic step's peak rounds to 0
+        assert ratio is None or ratio == pytest.approx(row["step_peak_mib"] / rows["deterministic"]["step_peak_mib"])
     assert rows["torch_lrt"]["ratio_to_torch_lrt"] == 1.0
     markdown = table.step_markdown(record)
     assert "`pyro_vdrop_lrt`" in markdown and "Quick mode" in markdown
@@ -182,3 +184,36 @@ def test_compress_mnist_quick(tmp_path):
     # a second call resumes the finished run instead of training it again
     again = compress_mnist.main(argv + ["--no-progress"])
     assert again["figures"]["units"] == figures["units"]
+
+
+@pytest.mark.parametrize("name", ["pyro_vdrop_lrt_validated", "pyro_vdrop_sparse_validated"])
+def test_validated_variants_validate(name):
+    # the worker turns Pyro's validation off; these variants turn it on for their own steps (labels out of the
+    # Categorical's support then raise a ValueError naming the support) and leave it as it was
+    import pyro
+
+    from benchmarks.models import make_batch
+    from benchmarks.variants import build
+
+    pyro.enable_validation(False)
+    v = build(name, "linear512")
+    x, y = make_batch("linear512", 8)
+    with v.scope():
+        v.step(x, y)
+        with pytest.raises(ValueError, match="support"):
+            v.step(x, torch.full_like(y, 10_000))
+    assert not pyro.poutine.util.is_validation_enabled()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the script's path without CUDA")
+def test_gpu_check_skips_without_cuda(tmp_path):
+    proc = subprocess.run(
+        ["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), str(tmp_path / "out")],
+        capture_output=True,
+        text=True,
+        env={"PATH": "/usr/bin:/bin", "PYTHON": sys.executable},
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "skipped: CUDA is not available" in proc.stdout
+    assert not (tmp_path / "out").exists()  # nothing was run

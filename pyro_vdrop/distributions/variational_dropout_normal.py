@@ -55,10 +55,15 @@ class _AdditiveLogAlpha(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         (loc,) = ctx.saved_tensors
-        below = loc.abs() < torch.finfo(loc.dtype).tiny
+        tiny = torch.finfo(loc.dtype).tiny
         if torch.is_grad_enabled():  # double backward: differentiable ops
+            below = loc.abs() < tiny
             return torch.where(below, torch.zeros_like(grad), -2 * grad / loc), grad
-        return grad.div(loc).mul_(-2.0).masked_fill_(below, 0.0), grad
+        # [|θ| < tiny] as a float (1 or 0; NaN where θ is) made by sign, since on CPU a comparison to a bool mask and
+        # masked_fill_ take about ten times as long: -2g/θ where |θ| >= tiny (θ + 0 = θ exactly), and where
+        # |θ| < tiny g/(θ + 1) times 0 (finite, so the product is 0)
+        below = torch.rsub(loc.abs(), tiny).clamp_(min=0.0).sign_()
+        return grad.div(loc + below).mul_(below.sub_(1.0).mul_(2.0)), grad
 
 
 class VariationalDropoutNormal(Normal):

@@ -198,6 +198,24 @@ def test_additive_log_alpha_gradients():
     assert torch.autograd.gradgradcheck(fn, (away, log_sigma2))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_additive_log_alpha_gradient_at_the_clamp(dtype):
+    # the gradient with respect to θ is -2g/θ where |θ| >= tiny and exactly 0 below (0, -0, subnormals), as a mask
+    # gives it; at θ = ±inf it is 0 (not NaN)
+    tiny = torch.finfo(dtype).tiny
+    special = [0.0, -0.0, tiny / 4, -tiny / 2, tiny, -tiny, 2 * tiny, float("inf"), -float("inf")]
+    loc = torch.cat([torch.tensor(special, dtype=dtype), torch.randn(20, dtype=dtype)]).requires_grad_()
+    log_sigma2 = torch.randn(loc.shape, dtype=dtype, requires_grad=True)
+    grad_out = torch.randn(loc.shape, dtype=dtype)
+    d = VariationalDropoutNormal.from_additive(loc, log_sigma2)
+    grad_loc, grad_log_sigma2 = torch.autograd.grad(d.log_alpha, (loc, log_sigma2), grad_out)
+    theta = loc.detach()
+    expected = torch.where(theta.abs() < tiny, torch.zeros_like(theta), -2 * grad_out / theta)
+    assert torch.equal(grad_loc, expected)
+    assert torch.equal(grad_log_sigma2, grad_out)
+    assert (grad_loc[:4] == 0).all() and (grad_loc[7:9] == 0).all() and (grad_loc[9:] != 0).all()
+
+
 def _unclamped_variance(loc, log_alpha):
     # the formula before α was clamped, in the same order of operations: (exp(log α) θ) θ
     return log_alpha.exp() * loc * loc

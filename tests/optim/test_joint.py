@@ -288,3 +288,27 @@ def test_no_parameters_is_a_no_op():
     optim = JointOptim(torch.optim.Adam, {"lr": 0.1})
     optim([])
     assert optim.optimizer is None and optim.get_state() == {}
+
+
+@pytest.mark.parametrize("flag", ["foreach", "fused"])
+def test_foreach_and_fused_adam_pass_through(flag, tmp_path):
+    # torch's multi-tensor (foreach) and fused Adam reach the one torch optimizer and follow the default's trajectory
+    # to float rounding (not bitwise: their ops are ordered differently); their state loads into pyro.optim.Adam.
+    x, y = _data()
+    _train(_make_svi(JointOptim(torch.optim.Adam, {"lr": 0.01})), 20, x, y)
+    expected = _params()
+    optim = JointOptim(torch.optim.Adam, {"lr": 0.01, flag: True})
+    _train(_make_svi(optim), 20, x, y)
+    assert [g[flag] for g in optim.optimizer.param_groups] == [True]
+    actual = _params()
+    assert actual.keys() == expected.keys()
+    for name in actual:
+        assert torch.allclose(actual[name], expected[name], rtol=1e-5, atol=1e-6), name
+    first = JointOptim(torch.optim.Adam, {"lr": 0.01, flag: True})
+    _assert_equal_close(_interrupted_run(first, pyro.optim.Adam({"lr": 0.01}), 10, x, y, tmp_path), expected)
+
+
+def _assert_equal_close(a, b):
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.allclose(a[name], b[name], rtol=1e-5, atol=1e-6), name
