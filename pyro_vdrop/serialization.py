@@ -104,7 +104,6 @@ def save(path: str | os.PathLike, model, guide) -> None:
     :raises ValueError: if the guide has no parameters yet.
     """
     from pyro_vdrop.nn import BayesianModule
-    from pyro_vdrop.train.run_dir import atomic_write
 
     _check_guide(guide)
     with torch.no_grad():
@@ -137,28 +136,56 @@ def save(path: str | os.PathLike, model, guide) -> None:
         else:
             state = model.state_dict() if isinstance(model, nn.Module) else {}
             record["model"] = {"kind": "callable", "state": {k: v.detach().clone() for k, v in state.items()}}
+    write_plain(path, record)
+
+
+def write_plain(path: str | os.PathLike, record: dict) -> int:
+    """
+    Writes ``record`` (plain data: tensors, numbers, strings, lists, dicts) with :func:`torch.save`, atomically
+    (temporary file, ``fsync``, rename): the file format of :func:`save` and
+    :func:`~pyro_vdrop.nn.save_compressed`.
+
+    :returns: the size of the file in bytes.
+    """
+    from pyro_vdrop.train.run_dir import atomic_write
+
     buffer = io.BytesIO()
     torch.save(record, buffer)
     atomic_write(Path(path), lambda f: f.write(buffer.getbuffer()), binary=True)
+    return buffer.getbuffer().nbytes
 
 
-def _read(path: Path, map_location) -> dict:
+def read_plain(path: str | os.PathLike, *, map_location, file_format: str, version: int, writer: str) -> dict:
+    """
+    Reads a file of :func:`write_plain` with ``torch.load(weights_only=True)`` (nothing in it can run code) and checks
+    that it is a dict of ``file_format`` at ``version``.
+
+    :param str writer: The function that writes such files, for the error messages.
+    :raises FileNotFoundError: if there is no file.
+    :raises ValueError: for a file that is not plain data, of another format or of another version.
+    """
+    path = Path(path)
     try:
         record = torch.load(path, map_location=map_location, weights_only=True)
     except FileNotFoundError:
         raise
     except Exception as e:  # torch.load raises many types for a file that is not plain data or is corrupt
         raise ValueError(
-            f"{path}: not a file of pyro_vdrop.save, or it holds objects other than plain data, which are not loaded "
-            f"because loading them could run code ({type(e).__name__})"
+            f"{path}: not a file of {writer}, or it holds objects other than plain data, which are not loaded "
+            f"because loading them could run code ({type(e).__name__}: {e})"
         ) from e
-    if not isinstance(record, dict) or record.get("format") != FORMAT:
-        raise ValueError(f"{path}: not a file written by pyro_vdrop.save")
-    if record.get("version") != VERSION:
+    if not isinstance(record, dict) or record.get("format") != file_format:
+        raise ValueError(f"{path}: not a file written by {writer} (no format {file_format!r})")
+    if record.get("version") != version:
         raise ValueError(
-            f"{path}: format version {record.get('version')!r}; this pyro-vdrop reads version {VERSION}: load it with "
-            f"the pyro-vdrop that wrote it ({record.get('pyro_vdrop')!r})"
+            f"{path}: format version {record.get('version')!r}; this pyro-vdrop reads version {version}: load it "
+            f"with the pyro-vdrop that wrote it ({record.get('pyro_vdrop')!r})"
         )
+    return record
+
+
+def _read(path: Path, map_location) -> dict:
+    record = read_plain(path, map_location=map_location, file_format=FORMAT, version=VERSION, writer="pyro_vdrop.save")
     try:
         _ = record["guide"]["params"], record["guide"]["options"], record["model"]["kind"]
     except (KeyError, TypeError) as e:
@@ -319,4 +346,4 @@ def load(path: str | os.PathLike, network=None, *, map_location=None):
     return model, guide
 
 
-__all__ = ["FORMAT", "VERSION", "load", "save"]
+__all__ = ["FORMAT", "VERSION", "load", "read_plain", "save", "write_plain"]

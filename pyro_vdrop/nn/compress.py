@@ -515,11 +515,10 @@ def save_compressed(path: str | os.PathLike, module: nn.Sequential, *, sparse: b
     :returns: the size of the file in bytes.
     :rtype: int
     """
-    from pyro_vdrop.train.run_dir import atomic_write
+    from pyro_vdrop.serialization import write_plain
 
-    data = compressed_bytes(module, sparse=sparse)
-    atomic_write(Path(path), lambda f: f.write(data), binary=True)
-    return len(data)
+    with torch.no_grad():
+        return write_plain(path, _record(module, sparse))
 
 
 def _check_args(layer: dict, index: int) -> None:
@@ -562,24 +561,16 @@ def load_compressed(
     :raises ValueError: for a file that is not of this format, of another version, or malformed (the message
         names the part).
     """
+    from pyro_vdrop.serialization import read_plain
+
     path = Path(path)
-    try:
-        record = torch.load(path, map_location=map_location, weights_only=True)
-    except FileNotFoundError:
-        raise
-    except Exception as e:  # torch.load raises many types for a file that is not plain data or is corrupt
-        raise ValueError(
-            f"{path}: not a file of pyro_vdrop.nn.save_compressed, or it holds objects other than plain data, which "
-            f"are not loaded because loading them could run code ({type(e).__name__}: {e})"
-        ) from e
-    if not isinstance(record, dict) or record.get("format") != COMPRESSED_FORMAT:
-        raise ValueError(
-            f"{path}: not a file written by pyro_vdrop.nn.save_compressed (no format {COMPRESSED_FORMAT!r})"
-        )
-    if record.get("version") != COMPRESSED_VERSION:
-        raise ValueError(
-            f"{path}: format version {record.get('version')!r}; this pyro-vdrop reads version {COMPRESSED_VERSION}"
-        )
+    record = read_plain(
+        path,
+        map_location=map_location,
+        file_format=COMPRESSED_FORMAT,
+        version=COMPRESSED_VERSION,
+        writer="pyro_vdrop.nn.save_compressed",
+    )
     layers, state, packed = record.get("layers"), record.get("state"), record.get("packed", {})
     if not isinstance(layers, list) or not layers or not all(isinstance(x, dict) for x in layers):
         raise ValueError(f"{path}: 'layers' must be a non-empty list of layer descriptions")

@@ -814,21 +814,23 @@ _CONV_ARGS = ("input", "weight", "bias", "stride", "padding", "dilation", "group
 
 
 def _dispatch_conv(nd, *args, **kwargs):
-    bound = dict(zip(_CONV_ARGS, args))
-    for k, v in kwargs.items():
-        if k not in _CONV_ARGS or k in bound:
-            raise UnsupportedOperation(f"unexpected keyword argument {k!r}")
-        bound[k] = v
+    return _dispatch_any_conv(
+        _CONV_ARGS, (F.conv1d, F.conv2d, F.conv3d)[nd - 1], lazy_conv, f"conv{nd}d", "a convolution", nd, args, kwargs
+    )
+
+
+def _dispatch_any_conv(names, conv, lazy_fn, op, what, nd, args, kwargs):
+    """A convolution or transposed convolution (``conv``) with a lazy weight (``lazy_fn``) or a lazy bias only."""
+    bound = _bind(names, op, args, kwargs)
     x, w = bound.pop("input"), bound.pop("weight")
     if not isinstance(w, LazyWeight):
         b = bound.pop("bias", None)
         if isinstance(b, LazyWeight) and not isinstance(x, LazyWeight):
-            conv = (F.conv1d, F.conv2d, F.conv3d)[nd - 1]
             out = conv(x if x.dim() == nd + 2 else x.unsqueeze(0), w, None, **bound)
             out = _add_bias(out, b, 1)
             return out if x.dim() == nd + 2 else out.squeeze(0)
-        raise UnsupportedOperation("the input of a convolution cannot be lazy")
-    return lazy_conv(nd, x, w, **bound)
+        raise UnsupportedOperation(f"the input of {what} cannot be lazy")
+    return lazy_fn(nd, x, w, **bound)
 
 
 # ----- views: slices of a weight -----
@@ -964,17 +966,11 @@ _CONV_TRANSPOSE_ARGS = ("input", "weight", "bias", "stride", "padding", "output_
 
 
 def _dispatch_conv_transpose(nd, *args, **kwargs):
-    bound = _bind(_CONV_TRANSPOSE_ARGS, f"conv_transpose{nd}d", args, kwargs)
-    x, w = bound.pop("input"), bound.pop("weight")
-    if not isinstance(w, LazyWeight):
-        b = bound.pop("bias", None)
-        if isinstance(b, LazyWeight) and not isinstance(x, LazyWeight):
-            conv = (F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d)[nd - 1]
-            out = conv(x if x.dim() == nd + 2 else x.unsqueeze(0), w, None, **bound)
-            out = _add_bias(out, b, 1)
-            return out if x.dim() == nd + 2 else out.squeeze(0)
-        raise UnsupportedOperation("the input of a transposed convolution cannot be lazy")
-    return lazy_conv_transpose(nd, x, w, **bound)
+    conv = (F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d)[nd - 1]
+    op = f"conv_transpose{nd}d"
+    return _dispatch_any_conv(
+        _CONV_TRANSPOSE_ARGS, conv, lazy_conv_transpose, op, "a transposed convolution", nd, args, kwargs
+    )
 
 
 # ----- F.multi_head_attention_forward -----
