@@ -1,15 +1,21 @@
 # SPDX-License-Identifier: Apache-2.0
 """
-Kingma et al.'s Fig. 1a [1] for one width: test error of the 3-hidden-layer ReLU network on MNIST with
-Bernoulli-equivalent Gaussian dropout (α = p/(1-p) fixed) against variational dropout A (correlated noise),
-A2 (A with the KL scaled by 1/3) and B (independent noise), all trained with the local reparameterization trick.
+Kingma et al.'s Fig. 1a [1] across widths: test error of the 3-hidden-layer ReLU network on MNIST against the
+hidden width, for Bernoulli dropout (p = 0.5 on the hidden units), Bernoulli-equivalent Gaussian dropout
+(α = p/(1-p) fixed), and variational dropout A (correlated noise), A2 (A with the KL scaled by 1/3) and B
+(independent noise), the Gaussian and variational ones trained with the local reparameterization trick.
 
-    python benchmarks/fig1a.py --width 100 --epochs 5          # a short run
-    python benchmarks/fig1a.py --width 1024 --epochs 100       # nearer the paper's setting
+    python -m benchmarks.fig1a --widths 100 500 1000 1250 --epochs 100      # the grid (days on a CPU)
+    python -m benchmarks.fig1a --widths 100 --epochs 5 --methods A B        # a short run
+    python -m benchmarks.fig1a --epochs 100 --estimate                      # CPU-time estimate of the grid
+    python -m benchmarks.fig1a --epochs 100 --plot                          # the PNG, from the records
 
-Prints a table and writes a JSON record (command, versions, machine, per-variant configuration, metrics and
-final errors) to ``benchmarks/results/fig1a-w<width>-<epochs>ep.json``. Needs the MNIST files (``--data-dir`` or
-``$PYRO_VDROP_MNIST_DIR``).
+Every (width, method) cell is one run: its run folder (``runs/benchmarks/fig1a-<E>ep/w<W>-<method>``) is resumed
+when interrupted, and its record ``benchmarks/results/fig1a/w<W>-<method>-<E>ep.json`` (command, versions,
+machine, configuration, learning curve, final errors) is written when it ends; a cell whose record exists is
+skipped, so rerunning the grid continues it. ``--plot`` draws test error against width, one line per method, from
+the records (needs matplotlib: ``pip install pyro-vdrop[plot]``). Needs the MNIST files (``--data-dir`` or
+``$PYRO_VDROP_MNIST_DIR``) unless ``--dataset embedded``.
 
 [1] Kingma, Salimans, Welling. "Variational Dropout and the Local Reparameterization Trick." NeurIPS 2015.
 """
@@ -23,87 +29,271 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.paper import RESULTS, epoch_logger, estimate_fit_seconds, hours, load_state, save_state, write_record
 from pyro_vdrop.train import TrainConfig, environment, evaluate, fit, read_metrics
+from pyro_vdrop.train.components import load_data, seeded_generator
+from pyro_vdrop.train.errors import RunError
 
-VARIANTS = ("gaussian-dropout", "A", "A2", "B")
+METHODS = ("bernoulli", "gaussian-dropout", "A", "A2", "B")
+LABELS = {
+    "bernoulli": "Bernoulli dropout p=0.5",
+    "gaussian-dropout": "Gaussian dropout",
+    "A": "variational dropout A",
+    "A2": "variational dropout A2",
+    "B": "variational dropout B",
+}
+WIDTHS = (100, 500, 1000, 1250)
 #: Read off Kingma et al. (2015), Fig. 1a (approximate): variational dropout A about 1.4% at 100 hidden units,
 #: A2 under 1% at 1250 units.
 PAPER_NOTE = "Fig. 1a of Kingma et al. (2015), read off the plot: A ≈ 1.4% at 100 units; A2 < 1% at 1250 units"
-RESULTS = Path(__file__).parent / "results"
+PAPER = {"A": {100: 0.014}, "A2": {1250: 0.01}}
 
 
-def main(args):
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    records = {}
-    for variant in args.variants:
-        config = TrainConfig(
-            model="mlp",
-            width=args.width,
-            dataset="mnist",
-            data_dir=args.data_dir,
-            guide=variant,
-            dropout_p=args.p,
-            estimator="lrt",
-            epochs=args.epochs,
-            batch_size=args.batch_size,
-            lr=args.lr,
-            kl_warmup=args.kl_warmup,
-            seed=args.seed,
-            device=args.device,
+def record_path(results, width, method, epochs) -> Path:
+    return Path(results) / "fig1a" / f"w{width}-{method}-{epochs}ep.json"
+
+
+def config_for(args, width, method) -> TrainConfig:
+    return TrainConfig(
+        model="mlp",
+        width=width,
+        dataset=args.dataset,
+        data_dir=args.data_dir,
+        train_subset=args.train_subset,
+        test_subset=args.test_subset,
+        guide="gaussian-dropout" if method == "bernoulli" else method,
+        dropout_p=args.p,
+        estimator="lrt",
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        kl_warmup=args.kl_warmup,
+        pretrain_epochs=0,
+        seed=args.seed,
+        device="cpu",
+    )
+
+
+def train_bernoulli(config: TrainConfig, run_dir: Path, *, progress: bool) -> dict:
+    """
+    Plain training of the same network with ``nn.Dropout(p)`` after every hidden ReLU (Srivastava et al. 2014's
+    Bernoulli dropout on the hidden units), Adam with the run's learning-rate schedule; test error per epoch.
+    Checkpointed after every epoch in ``run_dir/bernoulli.pt`` and resumed from it.
+    """
+    from pyro_vdrop import nn as vnn
+
+    torch.manual_seed(config.seed)
+    base = vnn.mnist_mlp(config.width)
+    layers = []
+    for m in base.children():
+        layers.append(m)
+        if isinstance(m, torch.nn.ReLU):
+            layers.append(torch.nn.Dropout(config.dropout_p))
+    net = torch.nn.Sequential(*layers)
+    x, y, xt, yt = load_data(config)
+    n, b = x.shape[0], config.batch_size
+    steps = -(-n // b) * config.epochs
+    opt = torch.optim.Adam(net.parameters(), lr=config.lr)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: max(1.0 - s / steps, 0.0) if config.lr_decay == "linear" else 1.0
+    )
+    path = run_dir / "bernoulli.pt"
+    history, epoch, elapsed = [], 0, 0.0
+    if path.is_file():
+        state = load_state(path)
+        net.load_state_dict(state["net"])
+        opt.load_state_dict(state["opt"])
+        sched.load_state_dict(state["sched"])
+        torch.set_rng_state(state["rng"])
+        history, epoch, elapsed = json.loads(state["history"]), int(state["epoch"]), float(state["elapsed"])
+    while epoch < config.epochs:
+        t0 = time.perf_counter()
+        net.train()
+        order = torch.randperm(n, generator=seeded_generator(config.seed, epoch))
+        total = 0.0
+        for i in range(0, n, b):
+            idx = order[i : i + b]
+            loss = torch.nn.functional.cross_entropy(net(x[idx]), y[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+            total += loss.item() * idx.shape[0]
+        net.eval()
+        with torch.no_grad():
+            test_error = sum(
+                (net(xt[i : i + 1000]).argmax(-1) != yt[i : i + 1000]).sum().item() for i in range(0, len(xt), 1000)
+            ) / len(xt)
+        epoch += 1
+        seconds = time.perf_counter() - t0
+        elapsed += seconds
+        history.append({"epoch": epoch, "loss": total / n, "test_error": test_error, "epoch_time": seconds})
+        save_state(
+            path,
+            {
+                "net": net.state_dict(),
+                "opt": opt.state_dict(),
+                "sched": sched.state_dict(),
+                "rng": torch.get_rng_state(),
+                "history": json.dumps(history),
+                "epoch": epoch,
+                "elapsed": elapsed,
+            },
         )
-        out = Path(args.out) / f"fig1a-w{args.width}-{variant}"
-        summary = fit(config, out, overwrite=True, progress=not args.no_progress, command=shlex.join(sys.argv))
-        result = evaluate(out, num_samples=args.num_samples)
-        records[variant] = {
-            "config": config.to_dict(),
-            "test_error": result["test_error"],
-            "test_error_mc": result["test_error_mc"],
-            "test_nll_mc": result["test_nll_mc"],
-            "training_time_s": summary["time"],
-            "metrics": read_metrics(out),
-        }
+        if progress:
+            print(f"  bernoulli w{config.width} epoch {epoch}/{config.epochs}: test error {test_error:.4f}", flush=True)
+    return {"test_error": history[-1]["test_error"], "time": elapsed, "metrics": history}
 
-    print(f"\nFig. 1a, width {args.width}, {args.epochs} epochs, MNIST, LRT")
-    print(f"| {'variant':<18} | {'error (θ)':>10} | {f'error (MC, S={args.num_samples})':>16} | {'time':>7} |")
-    print(f"|{'-' * 20}|{'-' * 12}|{'-' * 18}|{'-' * 9}|")
-    for variant, r in records.items():
-        name = f"gaussian p={args.p:g}" if variant == "gaussian-dropout" else variant
-        print(
-            f"| {name:<18} | {100 * r['test_error']:>8.2f} % | {100 * r['test_error_mc']:>14.2f} % | "
-            f"{r['training_time_s']:>5.0f} s |"
+
+def run_cell(args, width, method, command) -> dict:
+    config = config_for(args, width, method)
+    run_dir = Path(args.run_root) / f"fig1a-{args.epochs}ep{args.suffix}" / f"w{width}-{method}"
+    if method == "bernoulli":
+        run_dir.mkdir(parents=True, exist_ok=True)
+        result = train_bernoulli(config, run_dir, progress=not args.no_progress)
+        figures = {"test_error": result["test_error"], "test_error_mc": None, "test_nll_mc": None}
+        summary, metrics = {"time": result["time"]}, result["metrics"]
+    else:
+        resume = (run_dir / "checkpoint.pt").is_file()
+        summary = fit(
+            config,
+            run_dir,
+            resume=resume,
+            overwrite=not resume,
+            progress=False,
+            callback=None if args.no_progress else epoch_logger(f"fig1a w{width} {method}"),
+            command=command,
         )
-
-    record = {
+        result = evaluate(run_dir, num_samples=args.num_samples)
+        figures = {k: result[k] for k in ("test_error", "test_error_mc", "test_nll_mc")}
+        metrics = read_metrics(run_dir)
+    return {
         "benchmark": "fig1a",
-        "command": shlex.join(["python", *sys.argv]),
+        "command": command,
         "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "environment": environment(),
-        "width": args.width,
+        "width": width,
+        "method": method,
+        "label": LABELS[method],
         "epochs": args.epochs,
+        "config": config.to_dict(),
+        "run_dir": str(run_dir),
         "paper": PAPER_NOTE,
-        "variants": records,
+        **figures,
+        "training_time_s": summary["time"],
+        "metrics": metrics,
     }
-    RESULTS.mkdir(exist_ok=True)
-    path = RESULTS / f"fig1a-w{args.width}-{args.epochs}ep.json"
-    path.write_text(json.dumps(record, indent=2, default=str) + "\n")
-    print(f"\nwrote {path}")
 
 
-if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--width", type=int, default=100, help="hidden units per layer (paper: 100 to 1250)")
-    parser.add_argument("--epochs", type=int, default=5)
-    parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
-    parser.add_argument("--p", type=float, default=0.5, help="Bernoulli-equivalent rate of Gaussian dropout")
+def collect(results, epochs, suffix="") -> dict:
+    """``{method: {width: record}}`` of the cell records for ``epochs``."""
+    out = {}
+    for path in sorted((Path(results) / "fig1a").glob(f"w*-*-{epochs}ep{suffix}.json")):
+        r = json.loads(path.read_text())
+        out.setdefault(r["method"], {})[r["width"]] = r
+    return out
+
+
+def plot(results, epochs, out, suffix="") -> Path:
+    """Test error (%) against hidden width, one line per method, like [1, Fig. 1a]."""
+    from pyro_vdrop.train.report import _import_pyplot, _save_figure
+
+    plt = _import_pyplot()
+    cells = collect(results, epochs, suffix)
+    if not cells:
+        raise FileNotFoundError(f"no fig1a records for {epochs} epochs in {Path(results) / 'fig1a'}")
+    fig, ax = plt.subplots(figsize=(5, 4))
+    for method in METHODS:
+        if method in cells:
+            widths = sorted(cells[method])
+            ax.plot(widths, [100 * cells[method][w]["test_error"] for w in widths], "o-", label=LABELS[method])
+    ax.set_xlabel("hidden units per layer")
+    ax.set_ylabel("test error (%)")
+    ax.set_title(f"MNIST, 3 hidden layers, {epochs} epochs")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    _save_figure(fig, out)
+    plt.close(fig)
+    return out
+
+
+def table_text(cells, widths) -> str:
+    lines = [f"| {'method':<24} |" + "".join(f" {f'w={w}':>8} |" for w in widths)]
+    lines.append(f"|{'-' * 26}|" + f"{'-' * 10}|" * len(widths))
+    for method in METHODS:
+        row = cells.get(method, {})
+        cells_text = "".join(f" {100 * row[w]['test_error']:>6.2f} % |" if w in row else f" {'–':>8} |" for w in widths)
+        lines.append(f"| {LABELS[method]:<24} |" + cells_text)
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--widths", type=int, nargs="+", default=list(WIDTHS), help="hidden units per layer")
+    parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
+    parser.add_argument("--epochs", type=int, default=100)
+    parser.add_argument("--p", type=float, default=0.5, help="dropout rate (Bernoulli; Gaussian's equivalent)")
     parser.add_argument("--batch-size", type=int, default=100)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--kl-warmup", type=float, default=0.0, help="epochs of KL warm-up (paper: none)")
     parser.add_argument("--num-samples", type=int, default=10, help="draws of the MC predictive")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", default="auto")
+    parser.add_argument("--dataset", choices=("mnist", "embedded"), default="mnist")
     parser.add_argument("--data-dir", default=None, help="MNIST folder (default: $PYRO_VDROP_MNIST_DIR)")
-    parser.add_argument("--out", default="runs/benchmarks", help="parent of the run directories")
-    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--train-subset", type=int, default=None)
+    parser.add_argument("--test-subset", type=int, default=None)
+    parser.add_argument("--run-root", default="runs/benchmarks", help="parent of the run folders")
+    parser.add_argument("--results", default=str(RESULTS), help="folder of the records (cells under fig1a/)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads")
+    parser.add_argument("--estimate", action="store_true", help="print the grid's CPU-time estimate and exit")
+    parser.add_argument("--plot", action="store_true", help="only draw the PNG from the records")
     parser.add_argument("--no-progress", action="store_true")
-    main(parser.parse_args())
+    args = parser.parse_args(argv)
+    args.suffix = "" if args.dataset == "mnist" else "-embedded"
+    torch.set_num_threads(args.threads)
+    png = Path(args.results) / f"fig1a-{args.epochs}ep{args.suffix}.png"
+    if args.plot:
+        print(f"wrote {plot(args.results, args.epochs, png, args.suffix)}")
+        return 0
+    command = shlex.join(["python", "-m", "benchmarks.fig1a", *(sys.argv[1:] if argv is None else argv)])
+    if args.estimate:
+        total = 0.0
+        for width in args.widths:
+            for method in args.methods:
+                path = record_path(args.results, width, method, args.epochs)
+                if path.with_name(path.stem + args.suffix + ".json").is_file():
+                    continue
+                # Bernoulli dropout is a plain network: about a third of a Gaussian-dropout step
+                e = estimate_fit_seconds(
+                    config_for(args, width, "gaussian-dropout" if method == "bernoulli" else method)
+                )
+                seconds = e["seconds"] / (3 if method == "bernoulli" else 1)
+                total += seconds
+                print(f"fig1a w{width} {method}: {1e3 * e['seconds_per_step']:.0f} ms/step, about {hours(seconds)}")
+        print(f"fig1a grid, {args.epochs} epochs, cells without a record: about {hours(total)} in all", flush=True)
+        return 0
+    for width in args.widths:
+        for method in args.methods:
+            path = record_path(args.results, width, method, args.epochs)
+            path = path.with_name(path.stem + args.suffix + ".json")
+            if path.is_file():
+                print(f"fig1a w{width} {method}: record {path} exists, skipped", flush=True)
+                continue
+            print(f"fig1a w{width} {method}: training {args.epochs} epochs", flush=True)
+            record = run_cell(args, width, method, command)
+            write_record(path, record)
+            print(f"fig1a w{width} {method}: test error {100 * record['test_error']:.2f} %; wrote {path}", flush=True)
+    print(f"\nFig. 1a, {args.epochs} epochs, MNIST ({PAPER_NOTE})")
+    print(table_text(collect(args.results, args.epochs, args.suffix), args.widths))
+    try:
+        print(f"wrote {plot(args.results, args.epochs, png, args.suffix)}")
+    except RunError as e:  # matplotlib missing
+        print(f"no plot: {e}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

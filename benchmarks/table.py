@@ -143,13 +143,14 @@ def render(results, device):
     return "\n".join(parts).rstrip() + "\n"
 
 
-def write_readme(markdown, readme=README):
+def write_readme(markdown, readme=README, *, start=START, end=END):
+    """Replaces the block between the markers ``start`` and ``end`` of ``readme`` with ``markdown``."""
     text = Path(readme).read_text()
-    if START not in text or END not in text:
-        raise ValueError(f"{readme} has no block between the markers {START!r} and {END!r}; add them first")
-    head, rest = text.split(START, 1)
-    _, tail = rest.split(END, 1)
-    Path(readme).write_text(f"{head}{START}\n\n{markdown}\n{END}{tail}")
+    if start not in text or end not in text:
+        raise ValueError(f"{readme} has no block between the markers {start!r} and {end!r}; add them first")
+    head, rest = text.split(start, 1)
+    _, tail = rest.split(end, 1)
+    Path(readme).write_text(f"{head}{start}\n\n{markdown}\n{end}{tail}")
 
 
 def main(argv=None):

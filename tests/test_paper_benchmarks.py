@@ -1,0 +1,284 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Quick modes of the paper-reproduction scripts (tiny data, seconds): Table 1, Fig. 1a, sparse VD, the README
+table and the driver; their resumption after an interruption."""
+
+import json
+
+import pyro
+import pytest
+import torch
+
+from benchmarks import fig1a, paper_table, reproduce, sparse_lenet300, table1
+from benchmarks.grad_variance import make_model
+from pyro_vdrop.infer import AutoVariationalDropout
+from pyro_vdrop.infer.gradient_variance import gradient_variance
+from pyro_vdrop.poutine import local_reparam
+
+TABLE1 = [
+    "--dataset",
+    "embedded",
+    "--width",
+    "8",
+    "--epochs",
+    "1",
+    "2",
+    "--measure-batch",
+    "40",
+    "20",
+    "--chunk",
+    "20",
+    "--draws",
+    "3",
+    "--train-size",
+    "200",
+]
+
+
+def _variances(record):
+    """The measured variances, without the seconds they took."""
+    return {
+        p: {m: {e: {k: v for k, v in r.items() if k != "seconds"} for e, r in row.items()} for m, row in pt.items()}
+        for p, point in record["points"].items()
+        for pt in [point["variances"]]
+    }
+
+
+def test_table1_quick_record_and_exact_resume(tmp_path):
+    full = table1.main(TABLE1 + ["--run-dir", str(tmp_path / "a"), "--out", str(tmp_path / "a.json")])
+    assert full["complete"] and sorted(full["points"]) == ["1", "2"]
+    point = full["points"]["2"]
+    assert set(point["variances"]) == {"M40", "M20"}
+    for row in point["variances"].values():
+        assert set(row) == set(table1.GRADIENT_ESTIMATORS)
+        for est, r in row.items():
+            for kind in ("fixed_batch", "random_batches"):
+                assert r[kind]["top"] >= 0 and r[kind]["bottom"] >= 0
+            if est != "no noise":
+                assert r["fixed_batch"]["top"] > 0
+        assert row["no noise"]["fixed_batch"] == {"top": 0.0, "bottom": 0.0}  # no noise on one batch: no variance
+    assert set(point["mean_log_alpha"]) == {"w0", "w1", "w2", "w3"}
+    assert json.loads((tmp_path / "a.json").read_text())["points"].keys() == {"1", "2"}
+
+    # interrupted after the first measurement point, then rerun: the record continues, with the same numbers
+    args = TABLE1 + ["--run-dir", str(tmp_path / "b"), "--out", str(tmp_path / "b.json")]
+    first = table1.main(args + ["--stop-after", "1"])
+    assert list(first["points"]) == ["1"] and not first["complete"]
+    assert list(json.loads((tmp_path / "b.json").read_text())["points"]) == ["1"]
+    resumed = table1.main(args)
+    assert resumed["complete"]
+    assert _variances(resumed) == _variances(full)
+
+    other = list(args)
+    other[other.index("--draws") + 1] = "4"
+    with pytest.raises(SystemExit, match="other options"):  # a resumed run must keep its options
+        table1.main(other)
+
+
+def _tiny_vd(seed=0, width=8, n=200):
+    pyro.clear_param_store()
+    pyro.set_rng_seed(seed)
+    x = torch.randn(n, 12)
+    y = torch.randint(0, 10, (n,))
+    model = make_model((12, width, 10), n)
+    guide = AutoVariationalDropout(model, init_log_alpha=-1.0)
+    with local_reparam():
+        guide(x[:10], y[:10])
+    return model, guide, x, y
+
+
+def test_chunked_gradient_variance_is_the_minibatch_gradient():
+    model, guide, x, y = _tiny_vd()
+    params = sorted(k for k in pyro.get_param_store().keys() if "loc" in k)
+    batches = [(x[i : i + 40], y[i : i + 40]) for i in range(0, 200, 40)]
+    elbo = pyro.infer.TraceMeanField_ELBO(max_plate_nesting=1)
+    # no noise: the chunked gradient is exactly the minibatch's, so the variances over batches agree
+    full = gradient_variance(model, guide, params=params, estimator="no noise", num_draws=5, batches=batches, elbo=elbo)
+    chunked = table1.chunked_gradient_variance(
+        model, guide, batches, params=params, estimator="no noise", num_draws=5, chunk=15, elbo=elbo
+    )
+    for p in params:
+        assert full[p]["variance"] > 0
+        assert chunked[p]["variance"] == pytest.approx(full[p]["variance"], rel=1e-4)
+        assert chunked[p]["mean_sq"] == pytest.approx(full[p]["mean_sq"], rel=1e-4)
+    # per-example weights: the same distribution of gradients, so the same variance up to Monte Carlo error
+    # (400 draws: the relative standard error of a mean over the weights' variances is a few per cent)
+    fixed = [batches[0]]
+    torch.manual_seed(1)
+    full = gradient_variance(
+        model, guide, params=params, estimator="per-example weights", num_draws=400, batches=fixed, elbo=elbo
+    )
+    torch.manual_seed(2)
+    chunked = table1.chunked_gradient_variance(
+        model, guide, fixed, params=params, estimator="per-example weights", num_draws=400, chunk=10, elbo=elbo
+    )
+    for p in params:
+        assert chunked[p]["variance"] == pytest.approx(full[p]["variance"], rel=0.15)
+    with pytest.raises(ValueError, match="shares noise"):
+        table1.chunked_gradient_variance(
+            model, guide, fixed, params=params, estimator="single weight sample", num_draws=2, chunk=10, elbo=elbo
+        )
+
+
+FIG1A = ["--dataset", "embedded", "--train-subset", "200", "--test-subset", "100", "--epochs", "2", "--no-progress"]
+
+
+def test_fig1a_quick_grid_skips_done_cells(tmp_path, capsys):
+    args = FIG1A + ["--widths", "8", "--methods", "bernoulli", "B", "--results", str(tmp_path / "res")]
+    args += ["--run-root", str(tmp_path / "runs")]
+    assert fig1a.main(args) == 0
+    for method in ("bernoulli", "B"):
+        record = json.loads((tmp_path / "res" / "fig1a" / f"w8-{method}-2ep-embedded.json").read_text())
+        assert (record["width"], record["method"], record["epochs"]) == (8, method, 2)
+        assert [m["epoch"] for m in record["metrics"]] == [1, 2]  # the learning curve
+        assert 0 <= record["test_error"] <= 1
+        assert record["command"].startswith("python -m benchmarks.fig1a")
+    capsys.readouterr()
+    assert fig1a.main(args) == 0
+    assert capsys.readouterr().out.count("exists, skipped") == 2
+    pytest.importorskip("matplotlib")
+    assert fig1a.main(args + ["--plot"]) == 0
+    assert (tmp_path / "res" / "fig1a-2ep-embedded.png").stat().st_size > 1000
+
+
+def test_fig1a_bernoulli_resumes_exactly(tmp_path, monkeypatch):
+    args = fig1a.argparse.Namespace(
+        dataset="embedded", data_dir=None, train_subset=200, test_subset=100, p=0.5, epochs=3, batch_size=50,
+        lr=1e-3, kl_warmup=0.0, seed=0,
+    )  # fmt: skip
+    config = fig1a.config_for(args, 8, "bernoulli")
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    full = fig1a.train_bernoulli(config, tmp_path / "a", progress=False)
+
+    save = fig1a.save_state
+    calls = []
+
+    def interrupted(path, state):
+        save(path, state)
+        calls.append(state["epoch"])
+        if len(calls) == 1:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(fig1a, "save_state", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        fig1a.train_bernoulli(config, tmp_path / "b", progress=False)
+    monkeypatch.setattr(fig1a, "save_state", save)
+    resumed = fig1a.train_bernoulli(config, tmp_path / "b", progress=False)
+    strip = [{k: v for k, v in m.items() if k != "epoch_time"} for m in full["metrics"]]
+    assert [{k: v for k, v in m.items() if k != "epoch_time"} for m in resumed["metrics"]] == strip
+
+
+SPARSE = ["--dataset", "embedded", "--train-subset", "200", "--test-subset", "100", "--num-samples", "2"]
+SPARSE += ["--epochs", "2", "--pretrain-epochs", "1", "--kl-warmup-start", "0", "--kl-warmup", "1", "--threads", "1"]
+
+
+def test_sparse_lenet5_quick_resumes(tmp_path, monkeypatch):
+    args = ["--model", "lenet5", *SPARSE, "--out", str(tmp_path / "run"), "--results", str(tmp_path / "res")]
+
+    def stop_in_epoch_2(name):
+        def callback(info):
+            if info["epoch"] >= 1:
+                raise KeyboardInterrupt
+
+        return callback
+
+    monkeypatch.setattr(sparse_lenet300, "epoch_logger", stop_in_epoch_2)
+    with pytest.raises(KeyboardInterrupt):
+        sparse_lenet300.main(args)
+    assert not (tmp_path / "res").exists()
+    monkeypatch.undo()
+    record = sparse_lenet300.main(args)
+    assert record["resumed"] and record["benchmark"] == "sparse_lenet5"
+    assert [m["epoch"] for m in record["metrics"]] == [1, 2]
+    assert record["paper"] == {"test_error": 0.0075, "compression": 280.0, "epochs": 200, "sparsity": 0.9964}
+    assert (tmp_path / "res" / "sparse_lenet5-2ep-embedded.json").is_file()
+    assert record["figures"]["compression"] >= 1
+
+
+def _table1_record(width, top10, lrt10):
+    variances = {
+        est: {"random_batches": {"top": 1.0, "bottom": 1.0}, "fixed_batch": {"top": 1.0, "bottom": 1.0}}
+        for est in table1.GRADIENT_ESTIMATORS
+    }
+    variances["single weight sample"]["random_batches"] = {"top": top10, "bottom": 3.0}
+    variances["lrt"]["random_batches"] = {"top": lrt10, "bottom": 2.0}
+    return {
+        "command": f"python -m benchmarks.table1 --width {width}",
+        "protocol": {"width": width, "measure_batch": [1000]},
+        "points": {"10": {"variances": {"M1000": variances}, "mean_log_alpha": {"w0": -0.5, "w3": -1.25}}},
+        "complete": False,
+    }
+
+
+def test_paper_table_from_synthetic_records(tmp_path):
+    res = tmp_path / "results"
+    (res / "fig1a").mkdir(parents=True)
+    # the widest Table 1 record is used
+    (res / "table1-w100.json").write_text(json.dumps(_table1_record(100, 9.0, 1.0)))
+    (res / "table1-w500.json").write_text(json.dumps(_table1_record(500, 4.9e4, 7.8e3)))
+    for method, err in (("A", 0.0141), ("bernoulli", 0.0152), ("gaussian-dropout", 0.0161)):
+        cell = {
+            "width": 100,
+            "method": method,
+            "epochs": 50,
+            "test_error": err,
+            "command": "python -m benchmarks.fig1a",
+        }
+        (res / "fig1a" / f"w100-{method}-50ep.json").write_text(json.dumps(cell))
+    sparse = {
+        "command": "python -m benchmarks.sparse_lenet300 --epochs 20",
+        "config": {"epochs": 20},
+        "figures": {"test_error_pruned": 0.0184, "compression": 70.4},
+    }
+    (res / "sparse_lenet300-20ep.json").write_text(json.dumps(sparse))
+    rows = {r["claim"]: r for r in paper_table.rows(res)}
+    t10 = rows["Table 1: single-sample / LRT gradient variance, 10 epochs (M = 1000)"]
+    assert t10["ours"].startswith("6.3× top, 1.5× bottom at M = 1000 (width 500; mean log α -0.5, -1.2")
+    assert t10["record"] == "`results/table1-w500.json`"
+    assert rows["Table 1: single-sample / LRT gradient variance, 100 epochs (M = 1000)"]["ours"] == "not run"
+    assert rows["Fig. 1a: variational dropout A at 100 units"]["ours"] == "1.41 % (50 epochs)"
+    assert rows["Fig. 1a: variational dropout A2 at 1250 units"]["ours"] == "not run"
+    beats = rows["Fig. 1a: variational dropout matches or beats Bernoulli and Gaussian dropout"]["ours"]
+    assert beats == "w100: yes (1.41 vs 1.52 %) (50 epochs)"
+    lenet300 = rows["Sparse VD LeNet-300-100 (Molchanov et al. 2017)"]
+    assert (
+        lenet300["ours"] == "1.84 % at 70× (20 epochs)" and lenet300["record"] == "`results/sparse_lenet300-20ep.json`"
+    )
+    lenet5 = rows["Sparse VD LeNet-5-Caffe (Molchanov et al. 2017)"]
+    assert lenet5["ours"] == "not run" and "--model lenet5" in lenet5["command"]
+
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# head\n\n{paper_table.START}\nold\n{paper_table.END}\n\ntail\n")
+    assert paper_table.main(["--results", str(res), "--readme", str(readme), "--write-readme"]) == 0
+    text = readme.read_text()
+    assert "old" not in text and text.startswith("# head\n") and text.endswith("\ntail\n")
+    assert "| Sparse VD LeNet-300-100 (Molchanov et al. 2017) | 1.92 % at 68× | 1.84 % at 70× (20 epochs) |" in text
+    readme.write_text("no markers\n")
+    with pytest.raises(ValueError, match="markers"):
+        paper_table.main(["--results", str(res), "--readme", str(readme), "--write-readme"])
+
+
+def test_benchmarks_readme_has_the_paper_table_block():
+    text = paper_table.README.read_text()
+    assert paper_table.START in text and paper_table.END in text
+
+
+def test_reproduce_runs_resumably(tmp_path, capsys):
+    common = ["--quick", "--results", str(tmp_path / "res"), "--run-root", str(tmp_path / "runs")]
+    common += ["--log-dir", str(tmp_path / "logs"), "--readme", str(tmp_path / "README.md")]
+    readme = tmp_path / "README.md"
+    readme.write_text(f"{paper_table.START}\n{paper_table.END}\n")
+    assert reproduce.main(common + ["--dry-run"]) == 0
+    out = capsys.readouterr().out
+    for name in reproduce.EXPERIMENTS:
+        assert f"] {name}: nice -n 10 " in out
+    assert not (tmp_path / "logs").exists()
+    assert reproduce.main(common + ["--only", "table1", "--no-estimate"]) == 0
+    record = json.loads((tmp_path / "res" / "table1-w16-embedded.json").read_text())
+    assert record["complete"]
+    log = (tmp_path / "logs" / "table1.log").read_text()
+    assert "epoch 1: measured" in log and "epoch 2: measured" in log
+    assert "| claim | published | ours | command | record |" in readme.read_text()
+    capsys.readouterr()
+    assert reproduce.main(common + ["--only", "table1"]) == 0
+    assert "table1: record complete, skipped" in capsys.readouterr().out
