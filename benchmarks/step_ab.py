@@ -7,7 +7,7 @@ variants alternate in short rounds and the medians of their step times are compa
 machine falls on every variant alike.
 
 - ``--what fused-lrt``: the LRT linear layer as one autograd node (``linear_lrt(..., fused=True)``) against
-  autograd of the formula (``fused=False``; ``fused=True`` is the default since it keeps less for the backward pass)
+  autograd of the formula (``fused=False``, the default)
 - ``--what masks``: the backward passes of the additive log α and the clipped KL with float indicators made by
   ``sign`` (as now) against the bool masks and ``masked_fill_`` they used before
 - ``--what adam``: ``JointOptim(torch.optim.Adam, {"lr": 1e-3})`` (torch's default on CPU: the per-tensor loop)

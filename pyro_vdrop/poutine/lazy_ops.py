@@ -109,17 +109,18 @@ class _LinearLRT(torch.autograd.Function):
         return grad_x, grad_loc, grad_var, grad_bias, None
 
 
-def linear_lrt(x, loc, variance, bias=None, noise=None, *, fused=True):
+def linear_lrt(x, loc, variance, bias=None, noise=None, *, fused=False):
     r"""
     An LRT sample of ``F.linear(x, W, bias)``, independent for every leading index of ``x``.
 
     :param noise: The standard normal :math:`\zeta`, of the output's shape (drawn if ``None``).
-    :param bool fused: One autograd node with a hand-written backward (:class:`_LinearLRT`, the default: the same
-        values and noise, gradients equal to float rounding) instead of autograd of the formula (``False``). The
-        default because it keeps less for the backward pass (:math:`x`, the standard deviation and the noise, not
-        also :math:`x^2`); its step time measured 1.006–1.017× the unfused step of an MLP 784-300-100-10 on CPU
-        (``python benchmarks/step_ab.py --what fused-lrt``). A noise that requires a gradient takes the unfused
-        path (the fused node gives none for the noise).
+    :param bool fused: One autograd node with a hand-written backward (:class:`_LinearLRT`: the same values and
+        noise, gradients equal to float rounding) instead of autograd of the formula (default). It keeps less for
+        the backward pass (:math:`x`, the standard deviation and the noise, not also :math:`x^2`), but is not the
+        default: its gradients are not bitwise those of the formula, so a run resumed from a checkpoint of an
+        earlier version would not continue bitwise (``tests/train/test_format1.py``), and its step time measured
+        1.006–1.017× the unfused step of an MLP 784-300-100-10 on CPU (``python benchmarks/step_ab.py --what
+        fused-lrt``). A noise that requires a gradient takes the unfused path (the fused node gives none for it).
     """
     if not fused or (noise is not None and noise.requires_grad):  # the fused node gives no gradient for the noise
         gamma = F.linear(x, loc, bias)

@@ -110,15 +110,15 @@ def _new(saved, *inputs):
 
 
 @pytest.mark.parametrize("x_grad", [True, False])
-def test_default_linear_lrt_keeps_no_x_squared(x_grad):
+def test_fused_linear_lrt_keeps_no_x_squared(x_grad):
     """
-    The default (fused) LRT node keeps for the backward pass its inputs, the standard deviation and the noise:
-    two tensors of the output's size, not x² (autograd of the formula keeps x² as well).
+    The fused LRT node keeps for the backward pass its inputs, the standard deviation and the noise: two tensors
+    of the output's size, not x² (autograd of the formula, the default, keeps x² as well).
     """
     x = torch.rand(7, 5, requires_grad=x_grad)
     loc = torch.randn(3, 5, requires_grad=True)
     variance = torch.rand(3, 5).add(0.1).requires_grad_()
-    out, saved = _saved_tensors(lambda *a: linear_lrt(*a), x, loc, variance)
+    out, saved = _saved_tensors(lambda *a: linear_lrt(*a, fused=True), x, loc, variance)
     new = _new(saved, x, loc, variance)
     assert sorted(tuple(t.shape) for t in new) == [(7, 3), (7, 3)]
     assert not any(t.shape == x.shape and torch.equal(t, x * x) for t in saved)
