@@ -77,6 +77,10 @@ def _fused(*args, **kwargs):
     return linear_lrt(*args, fused=True, **kwargs)
 
 
+def _unfused(*args, **kwargs):
+    return linear_lrt(*args, fused=False, **kwargs)
+
+
 def make_step(optim_args, validate, fused=False, old_masks=False):
     """A README step; ``fused`` selects the LRT kernel and ``old_masks`` the backward passes while the step runs."""
     model = pyro_vdrop.nn.bayesianize(pyro_vdrop.nn.lenet_300_100(), num_data=60000)
@@ -85,7 +89,7 @@ def make_step(optim_args, validate, fused=False, old_masks=False):
 
     def step(x, y):
         pyro.enable_validation(validate)
-        lazy_weight.linear_lrt = _fused if fused else linear_lrt
+        lazy_weight.linear_lrt = _fused if fused else _unfused
         try:
             with local_reparam(), _masks(old_masks):
                 return svi.step(x, y)

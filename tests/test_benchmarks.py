@@ -217,3 +217,16 @@ def test_gpu_check_skips_without_cuda(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "skipped: CUDA is not available" in proc.stdout
     assert not (tmp_path / "out").exists()  # nothing was run
+
+
+def test_saved_tensors_of_the_lrt_step():
+    # what one LRT step keeps for its backward pass: two weight-sized tensors per layer (the capped log α and σ²,
+    # which the guide keeps anyway) and the batch-sized x, standard deviations and noise; it kept four per layer
+    # and x² before (benchmarks/saved_tensors.py)
+    from benchmarks.saved_tensors import saved_tensors
+
+    weights = (784 * 300 + 300 * 100 + 100 * 10) * 4 / 2**20
+    lrt = saved_tensors("pyro_vdrop_lrt", "mlp", 4)
+    deterministic = saved_tensors("deterministic", "mlp", 4)
+    assert 0 < deterministic["saved_mib"] < 0.1
+    assert 2 * weights < lrt["saved_mib"] < 2 * weights + 0.1

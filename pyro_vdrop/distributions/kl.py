@@ -40,6 +40,11 @@ MOLCHANOV_K2 = 1.87320
 MOLCHANOV_K3 = 1.48695
 
 
+def _molchanov_u(inner):
+    r""":math:`u = \sigma(-(k_2 + k_3\log\alpha))` of :class:`_MolchanovKL`, in three elementwise passes."""
+    return inner.mul(-MOLCHANOV_K3).sub_(MOLCHANOV_K2).sigmoid_()
+
+
 class _MolchanovKL(Function):
     r"""
     The Molchanov fit as one autograd node (fewer elementwise passes than autograd of the formula):
@@ -59,15 +64,17 @@ class _MolchanovKL(Function):
     def forward(ctx, log_alpha, low=None, high=None):
         clipped = low is not None or high is not None
         inner = log_alpha.clamp(low, high) if clipped else log_alpha
-        u = inner.mul(-MOLCHANOV_K3).sub_(MOLCHANOV_K2).sigmoid_()
+        u = _molchanov_u(inner)
         log_sigmoid = F.logsigmoid(inner)
         ctx.clip = (low, high) if clipped else None
-        ctx.save_for_backward(log_alpha, inner, u)
+        # only log α (which the guide keeps anyway): the clipped log α and u, two more tensors of the weight's size
+        # kept until the backward pass, are recomputed there (bitwise the same values)
+        ctx.save_for_backward(log_alpha)
         return log_sigmoid.mul_(-0.5).add_(u, alpha=MOLCHANOV_K1)
 
     @staticmethod
     def backward(ctx, grad):
-        log_alpha, inner, u = ctx.saved_tensors
+        (log_alpha,) = ctx.saved_tensors
         if torch.is_grad_enabled():  # double backward: differentiable ops on log_alpha
             inner = log_alpha if ctx.clip is None else log_alpha.clamp(*ctx.clip)
             u = torch.sigmoid(-(MOLCHANOV_K2 + MOLCHANOV_K3 * inner))
@@ -75,6 +82,8 @@ class _MolchanovKL(Function):
             if ctx.clip is not None:
                 d = torch.where(inner == log_alpha, d, torch.zeros_like(d))
             return d, None, None
+        inner = log_alpha if ctx.clip is None else log_alpha.clamp(*ctx.clip)
+        u = _molchanov_u(inner)
         # -2 dKL/dlog α = σ(-log α) + 2 k1 k3 (u - u²)
         d = inner.neg().sigmoid_().add_(torch.addcmul(u, u, u, value=-1.0), alpha=2 * MOLCHANOV_K1 * MOLCHANOV_K3)
         d = d.mul_(grad).mul_(-0.5)

@@ -8,6 +8,11 @@ from torch.distributions.utils import broadcast_all
 from .util import check_kl_approx, clamped_exp, floor_scale
 
 
+def _alpha_loc(loc, log_alpha):
+    r""":math:`\alpha\theta` with :math:`\alpha` clamped at the dtype's largest finite number (a new tensor)."""
+    return log_alpha.exp().clamp_(max=torch.finfo(log_alpha.dtype).max).mul_(loc)
+
+
 class _DropoutVariance(torch.autograd.Function):
     r"""
     :math:`\sigma^2 = \exp(\log\alpha)\,\theta^2` as one autograd node: the backward pass takes three
@@ -23,18 +28,19 @@ class _DropoutVariance(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, loc, log_alpha):
-        alpha_loc = log_alpha.exp().clamp_(max=torch.finfo(log_alpha.dtype).max).mul_(loc)
-        variance = alpha_loc * loc
-        ctx.save_for_backward(loc, log_alpha, alpha_loc, variance)
+        variance = _alpha_loc(loc, log_alpha).mul_(loc)
+        # the inputs and the output, which the guide and the local reparameterization keep anyway; αθ, a tensor of
+        # the weight's size kept until the backward pass, is recomputed there (bitwise the same values)
+        ctx.save_for_backward(loc, log_alpha, variance)
         return variance
 
     @staticmethod
     def backward(ctx, grad):
-        loc, log_alpha, alpha_loc, variance = ctx.saved_tensors
+        loc, log_alpha, variance = ctx.saved_tensors
         if torch.is_grad_enabled():  # double backward: differentiable ops on the inputs
             alpha = clamped_exp(log_alpha)
             return grad * 2 * alpha * loc, grad * alpha * loc * loc
-        return alpha_loc.mul(grad).mul_(2.0), variance * grad
+        return _alpha_loc(loc, log_alpha).mul_(grad).mul_(2.0), variance * grad
 
 
 class _AdditiveLogAlpha(torch.autograd.Function):

@@ -77,15 +77,16 @@ class _LinearLRT(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, loc, variance, bias, noise):
         gamma = F.linear(x, loc, bias)
-        xx = x * x
-        std = _sqrt(F.linear(xx, variance))
-        ctx.save_for_backward(x, xx, loc, variance, std, noise)
+        std = _sqrt(F.linear(x * x, variance))
+        # x² is not kept (autograd of the formula keeps it for the matmul's backward): recomputed in the backward
+        # pass, one elementwise pass over the input, bitwise the same values
+        ctx.save_for_backward(x, loc, variance, std, noise)
         ctx.has_bias = bias is not None
         return torch.addcmul(gamma, std, noise)
 
     @staticmethod
     def backward(ctx, grad):
-        x, xx, loc, variance, std, noise = ctx.saved_tensors
+        x, loc, variance, std, noise = ctx.saved_tensors
         needs_x, needs_loc, needs_var, needs_bias, _ = ctx.needs_input_grad
         if torch.is_grad_enabled():  # double backward: differentiable ops on the inputs
             std = F.linear(x * x, variance).add(torch.finfo(x.dtype).tiny).sqrt()
@@ -101,7 +102,7 @@ class _LinearLRT(torch.autograd.Function):
             if needs_loc:
                 grad_loc = g2.t() @ x.reshape(-1, x.shape[-1])
             if needs_var:
-                xx = x * x if torch.is_grad_enabled() else xx
+                xx = x * x
                 grad_var = h2.t() @ xx.reshape(-1, xx.shape[-1])
         if needs_bias and ctx.has_bias:
             grad_bias = grad.reshape(-1, grad.shape[-1]).sum(0)
@@ -113,10 +114,13 @@ def linear_lrt(x, loc, variance, bias=None, noise=None, *, fused=False):
     An LRT sample of ``F.linear(x, W, bias)``, independent for every leading index of ``x``.
 
     :param noise: The standard normal :math:`\zeta`, of the output's shape (drawn if ``None``).
-    :param bool fused: One autograd node with a hand-written backward (:class:`_LinearLRT`: the same values,
-        gradients equal to float rounding) instead of autograd of the formula (default). Not the default: on CPU
-        it saves a few elementwise passes that the matmuls dwarf, and measured 1.006–1.017× the unfused step of
-        an MLP 784-300-100-10 (``python benchmarks/step_ab.py --what fused-lrt``).
+    :param bool fused: One autograd node with a hand-written backward (:class:`_LinearLRT`: the same values and
+        noise, gradients equal to float rounding) instead of autograd of the formula (default). It keeps less for
+        the backward pass (:math:`x`, the standard deviation and the noise, not also :math:`x^2`), but is not the
+        default: its gradients are not bitwise those of the formula, so a run resumed from a checkpoint of an
+        earlier version would not continue bitwise (``tests/train/test_format1.py``), and its step time measured
+        1.006–1.017× the unfused step of an MLP 784-300-100-10 on CPU (``python benchmarks/step_ab.py --what
+        fused-lrt``). A noise that requires a gradient takes the unfused path (the fused node gives none for it).
     """
     if not fused or (noise is not None and noise.requires_grad):  # the fused node gives no gradient for the noise
         gamma = F.linear(x, loc, bias)

@@ -3,6 +3,7 @@
 from collections.abc import Callable, Collection
 
 from pyro.distributions import Delta
+from pyro.poutine.guide import GuideMessenger
 from pyro.poutine.messenger import Messenger
 from pyro.poutine.trace_messenger import TraceMessenger
 from torch.distributions import Independent
@@ -17,7 +18,7 @@ from pyro_vdrop.distributions.util import base_distribution
 from .estimators import ESTIMATORS, LRT
 from .lazy_weight import LazyWeight
 from .local_reparam_site import LocalReparamKL, LocalReparamSite
-from .runtime import handlers_outside
+from .runtime import handlers_inside, handlers_outside
 
 _AUX_SUFFIX = "_unconstrained"
 _DROPOUT_POSTERIORS = (VariationalDropoutNormal, CorrelatedVariationalDropoutNormal, TruncatedLogNormalDropout)
@@ -57,6 +58,9 @@ class LocalReparamMessenger(Messenger):
     weight-sized sample or per-weight log-density is computed. Hence
     :class:`~pyro.infer.TraceMeanField_ELBO` (recommended: it uses the same analytic KL) and
     :class:`~pyro.infer.Trace_ELBO` both compute :math:`\mathbb{E}[\log p(y \mid x, w)] - \mathrm{KL}(q \| p)`.
+    An effect-based guide (a :class:`~pyro.poutine.guide.GuideMessenger`, e.g.
+    :class:`~pyro_vdrop.infer.AutoVariationalDropoutMessenger`) shares each site with the model: the model's copy
+    of the site (its ``infer["prior"]``) gets the same analytic term.
     A site without a registered KL raises an error when the ELBO asks for its term. The handler must be outside
     any :func:`~pyro.poutine.trace` whose trace is used in an ELBO, e.g. around the ``svi.step`` call.
 
@@ -167,10 +171,23 @@ class LocalReparamMessenger(Messenger):
         self._check_outside_trace(msg["name"])
         if origin:
             self._record_origin(msg, value)
+            if self._shared_site(msg):
+                # an effect-based guide (a GuideMessenger, e.g. AutoVariationalDropoutMessenger) runs inside the
+                # model: guide and model share this site, and the guide's get_traces() gives the model's copy of
+                # it the prior recorded in msg["infer"]["prior"]; that copy gets -KL(q || p) (scale and mask are
+                # the shared site's), and the model run that uses the weight starts here
+                value.start_run()
+                msg["infer"]["prior"] = LocalReparamKL(msg["infer"]["prior"], value.root)
         else:
             # the model's site: a model run begins, whose uses of the weight share its noise
             value.start_run()
             self._record_kl(msg, value.root)
+
+    def _shared_site(self, msg):
+        """Whether ``msg`` is a site that an effect-based guide inside this handler shares with the model."""
+        if "prior" not in msg["infer"]:
+            return False
+        return any(isinstance(frame, GuideMessenger) for frame in handlers_inside(self))
 
     def _check_outside_trace(self, name):
         if any(isinstance(frame, TraceMessenger) for frame in handlers_outside(self)):

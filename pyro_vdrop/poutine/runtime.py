@@ -26,6 +26,16 @@ def handlers_outside(handler: Messenger) -> list[Messenger]:
     return stack[: stack.index(handler)]
 
 
+def handlers_inside(handler: Messenger) -> list[Messenger]:
+    """
+    The active handlers entered after ``handler``, i.e. inside it, outermost first.
+
+    :raises ValueError: if ``handler`` is not active.
+    """
+    stack = handler_stack()
+    return stack[stack.index(handler) + 1 :]
+
+
 def find_handler(cls: type) -> Messenger | None:
     """The outermost active handler that is an instance of ``cls``, or ``None``."""
     for frame in _PYRO_STACK:
@@ -34,4 +44,4 @@ def find_handler(cls: type) -> Messenger | None:
     return None
 
 
-__all__ = ["find_handler", "handler_stack", "handlers_outside"]
+__all__ = ["find_handler", "handler_stack", "handlers_inside", "handlers_outside"]

@@ -310,3 +310,21 @@ def test_clipped_molchanov_kl_gradcheck_and_gradgradcheck():
 
     assert torch.autograd.gradcheck(fn, (log_alpha,))
     assert torch.autograd.gradgradcheck(fn, (log_alpha,))
+
+
+@pytest.mark.parametrize("clip", [None, (-8.0, 8.0)])
+def test_molchanov_kl_keeps_only_log_alpha(clip):
+    from pyro_vdrop.distributions.kl import MOLCHANOV_K1, MOLCHANOV_K2, MOLCHANOV_K3, _MolchanovKL
+
+    # the fused node recomputes the clipped log α and u in the backward pass: it keeps nothing of its own
+    log_alpha = torch.randn(6, 4).mul(5).requires_grad_()
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        kl = _MolchanovKL.apply(log_alpha, *(clip or ()))
+    assert len(saved) == 1 and saved[0] is log_alpha
+    (grad,) = torch.autograd.grad(kl.sum(), log_alpha)
+    reference = log_alpha.detach().clone().requires_grad_()
+    ref = reference.clamp(*clip) if clip else reference
+    u = torch.sigmoid(-(MOLCHANOV_K2 + MOLCHANOV_K3 * ref))
+    (expected,) = torch.autograd.grad((MOLCHANOV_K1 * u - 0.5 * torch.nn.functional.logsigmoid(ref)).sum(), reference)
+    torch.testing.assert_close(grad, expected)

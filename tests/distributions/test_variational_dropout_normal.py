@@ -272,3 +272,20 @@ def test_variance_is_unchanged_where_alpha_is_finite(dtype):
         finite = torch.isfinite(e)
         assert finite.float().mean() > 0.9
         assert torch.equal(a[finite], e[finite].detach())
+
+
+def test_variance_node_keeps_only_its_inputs_and_output():
+    # αθ, a tensor of the weight's size, is recomputed in the backward pass (bitwise as the forward pass made it)
+    loc = torch.randn(3, 4, requires_grad=True)
+    log_alpha = torch.randn(3, 4, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        variance = VariationalDropoutNormal(loc, log_alpha).variance
+    storages = {t.untyped_storage().data_ptr() for t in saved}
+    assert storages == {t.untyped_storage().data_ptr() for t in (loc, log_alpha, variance)}
+    grad = torch.randn(3, 4)
+    actual = torch.autograd.grad(variance, (loc, log_alpha), grad)
+    alpha = log_alpha.detach().exp()
+    expected = (alpha * loc.detach() * grad * 2, alpha * loc.detach() * loc.detach() * grad)
+    for a, e in zip(actual, expected):
+        torch.testing.assert_close(a, e)

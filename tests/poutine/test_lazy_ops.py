@@ -83,3 +83,47 @@ def test_fused_linear_lrt_trains_as_the_formula():
     # the training moved the parameters, so the comparison can fail
     pyro.clear_param_store()
     assert any(not torch.allclose(params[name], _train(True, 1)[1][name]) for name in params)
+
+
+def _saved_tensors(fn, *args):
+    """The tensors that autograd keeps for the backward pass of ``fn(*args)``."""
+    saved = []
+
+    def pack(t):
+        saved.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn(*args)
+    return out, saved
+
+
+def _new(saved, *inputs):
+    """The saved tensors that are none of ``inputs`` (by storage), each storage once."""
+    known = {t.untyped_storage().data_ptr() for t in inputs}
+    new = {}
+    for t in saved:
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in known:
+            new[ptr] = t
+    return list(new.values())
+
+
+@pytest.mark.parametrize("x_grad", [True, False])
+def test_fused_linear_lrt_keeps_no_x_squared(x_grad):
+    """
+    The fused LRT node keeps for the backward pass its inputs, the standard deviation and the noise: two tensors
+    of the output's size, not x² (autograd of the formula, the default, keeps x² as well).
+    """
+    x = torch.rand(7, 5, requires_grad=x_grad)
+    loc = torch.randn(3, 5, requires_grad=True)
+    variance = torch.rand(3, 5).add(0.1).requires_grad_()
+    out, saved = _saved_tensors(lambda *a: linear_lrt(*a, fused=True), x, loc, variance)
+    new = _new(saved, x, loc, variance)
+    assert sorted(tuple(t.shape) for t in new) == [(7, 3), (7, 3)]
+    assert not any(t.shape == x.shape and torch.equal(t, x * x) for t in saved)
+    _, saved_formula = _saved_tensors(lambda *a: linear_lrt(*a, fused=False), x, loc, variance)
+    # the formula keeps x² (the reference: the test can tell the two apart)
+    assert any(t.shape == x.shape and torch.equal(t, x * x) for t in _new(saved_formula, x, loc, variance))
+    out.sum().backward()
+    assert variance.grad is not None and (x.grad is not None) == x_grad

@@ -186,3 +186,32 @@ def test_pruned_channel_is_zeroed_in_the_pruned_network(granularity, axis):
     assert (weight.select(axis, 1) != 0).all()
     units = guide.sparsity()["units"]["0.weight"]
     assert (units["inputs_kept"], units["outputs_kept"]) == ((2, 4) if axis == 1 else (3, 3))
+
+
+@pytest.mark.parametrize("noise", ["group", "sbp"])
+def test_messenger_guide_under_local_reparam_matches_the_autoguide(noise):
+    # the effect-based guide inside local_reparam: the same ELBO as the autoguide with the same parameters and seed
+    x, y = _data()
+    model = _model(noise)
+    options = preset(noise, granularity="output") if noise == "group" else VariationalDropoutOptions(noise="sbp")
+    auto = AutoVariationalDropout(model, options=options)
+    auto(x, y)
+    messenger = AutoVariationalDropoutMessenger(model, options=options)
+    with vd.poutine.local_reparam():
+        messenger(x, y)
+    store = pyro.get_param_store()
+    prefix = "AutoVariationalDropout."
+    for name in [n for n in store.keys() if n.startswith(prefix)]:
+        value = store[name].detach()
+        if ".locs." not in name:
+            value = value + 0.3 * torch.randn_like(value)
+        store[name] = value
+        store[name[len(prefix) :]] = value.clone()
+    loss_auto = _elbo_loss(model, auto, x, y)
+    assert loss_auto == pytest.approx(_elbo_loss(model, messenger, x, y), rel=1e-6)
+    assert loss_auto != pytest.approx(_elbo_loss(model, messenger, x, y, seed=2), rel=1e-6)
+    pyro.clear_param_store()  # and it trains from a fresh start
+    guide = AutoVariationalDropoutMessenger(model, options=options)
+    svi = SVI(model, guide, pyro.optim.Adam({"lr": 1e-2}), TraceMeanField_ELBO())
+    with vd.poutine.local_reparam():
+        assert all(math.isfinite(svi.step(x, y)) for _ in range(3))
