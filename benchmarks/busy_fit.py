@@ -1,8 +1,9 @@
 # SPDX-License-Identifier: Apache-2.0
 """
 ``pyro-vdrop fit`` on a busy machine: the wall time of a short default run alone, and beside one busy-looping
-process, with the program's default OpenMP wait policy (``PASSIVE`` unless the environment sets one), with OpenMP's
-own default (``OMP_WAIT_POLICY=ACTIVE``, what the program did before) and with ``--threads 1``.
+process, as the command ran before (OpenMP's own default wait policy), with the program's default
+(``OMP_WAIT_POLICY=PASSIVE`` when other processes keep a CPU busy at start, else OpenMP's default; see
+:mod:`pyro_vdrop.program`), with ``PASSIVE`` forced, and with ``--threads 1``.
 
     python -m benchmarks.busy_fit --repeats 2
 
@@ -26,12 +27,17 @@ from pyro_vdrop.util import environment
 
 FIT = ["fit", "--epochs", "6", "--pretrain-epochs", "1", "--no-progress"]
 
-#: label -> (busy neighbour, extra environment, extra arguments)
+#: The command as it ran before the program set a wait policy: pyro_vdrop.cli.main, OpenMP's own default.
+BEFORE = "import sys; from pyro_vdrop.cli import main; sys.exit(main())"
+
+#: label -> (busy neighbour, extra environment, extra arguments, the command before the program's default)
 CASES = {
-    "quiet": (False, {}, []),
-    "busy, program default (PASSIVE)": (True, {}, []),
-    "busy, OMP_WAIT_POLICY=ACTIVE (before)": (True, {"OMP_WAIT_POLICY": "ACTIVE"}, []),
-    "busy, --threads 1": (True, {}, ["--threads", "1"]),
+    "quiet, before (OpenMP default)": (False, {}, [], True),
+    "quiet, program default (machine sampled)": (False, {}, [], False),
+    "quiet, OMP_WAIT_POLICY=PASSIVE": (False, {"OMP_WAIT_POLICY": "PASSIVE"}, [], False),
+    "busy, before (OpenMP default)": (True, {}, [], True),
+    "busy, program default (machine sampled)": (True, {}, [], False),
+    "busy, --threads 1": (True, {}, ["--threads", "1"], False),
 }
 
 
@@ -40,10 +46,11 @@ def _spin(stop):
         pass
 
 
-def run_fit(out: Path, env_update: dict, extra: list) -> float:
-    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "OMP_NUM_THREADS")}
+def run_fit(out: Path, env_update: dict, extra: list, before: bool) -> float:
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "OMP_NUM_THREADS", "GOMP_SPINCOUNT")}
     env.update(env_update)
-    argv = [sys.executable, "-m", "pyro_vdrop", *FIT, *extra, "--overwrite", "--out", str(out)]
+    program = ["-c", BEFORE] if before else ["-m", "pyro_vdrop"]
+    argv = [sys.executable, *program, *FIT, *extra, "--overwrite", "--out", str(out)]
     start = time.perf_counter()
     subprocess.run(argv, env=env, check=True, stdout=subprocess.DEVNULL)
     return time.perf_counter() - start
@@ -57,19 +64,19 @@ def main(argv=None) -> int:
     times = {label: [] for label in CASES}
     with tempfile.TemporaryDirectory() as tmp:
         for _ in range(args.repeats):
-            for label, (busy, env_update, extra) in CASES.items():
+            for label, (busy, env_update, extra, before) in CASES.items():
                 stop = multiprocessing.Event()
                 spinner = multiprocessing.Process(target=_spin, args=(stop,)) if busy else None
                 if spinner:
                     spinner.start()
                 try:
-                    times[label].append(run_fit(Path(tmp) / "run", env_update, extra))
+                    times[label].append(run_fit(Path(tmp) / "run", env_update, extra, before))
                 finally:
                     if spinner:
                         stop.set()
                         spinner.join()
-    quiet = statistics.median(times["quiet"])
-    print("| case | wall s (median) | × quiet |")
+    quiet = statistics.median(times["quiet, before (OpenMP default)"])
+    print("| case | wall s (median) | × quiet, before |")
     print("|---|---|---|")
     for label, t in times.items():
         print(f"| {label} | {statistics.median(t):.1f} | {statistics.median(t) / quiet:.2f} |")
