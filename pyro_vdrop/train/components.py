@@ -100,6 +100,8 @@ def build_guide(model, config: TrainConfig, *, init_values: dict | None = None):
         overrides["init_loc_fn"] = _init_to_values(init_values)
     if config.guide == "gaussian-dropout":
         overrides["dropout_rate"] = config.dropout_p
+    if config.train_clip is not None:
+        overrides["train_clip"] = config.train_clip
     return AutoVariationalDropout(model, options=preset(config.guide, **overrides))
 
 

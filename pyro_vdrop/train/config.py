@@ -18,7 +18,7 @@ GUIDES = ("sparse", "A", "A2", "B", "gaussian-dropout", "group", "sbp")
 #: The estimators the training loop offers (:mod:`pyro_vdrop.poutine.estimators`; "per-example" is a diagnostic).
 ESTIMATORS = (LRT, FLIPOUT, SINGLE_SAMPLE, MEAN)
 DEVICES = ("auto", "cpu", "cuda")
-LR_DECAYS = ("linear", "none")
+LR_DECAYS = ("linear", "hold-linear", "none")
 
 #: Weights with :math:`\log\alpha` above this are pruned (:mod:`pyro_vdrop.infer.sparsity`).
 PRUNE_THRESHOLD = PRUNE_LOG_ALPHA_THRESHOLD
@@ -100,11 +100,17 @@ class TrainConfig:
         (one weight sample per minibatch) or ``"mean"``: a noise-free diagnostic that uses the posterior means θ
         in the data term (:func:`~pyro_vdrop.poutine.local_reparam` with ``estimator="mean"``), so training is
         deterministic given the data order; it does not learn α from the data, so it is not variational dropout.
+    :param float train_clip: ``guide="sparse"`` only: the mean of every weight whose log α is at or above this is
+        0 in the guide's distribution, so the network trains without the weights pruning will remove (the
+        ``train_clip`` of [2]'s reference code, at 3; see
+        :class:`~pyro_vdrop.infer.autoguide.VariationalDropoutOptions`). Default None: off.
     :param int epochs: Passes over the training data.
     :param int batch_size: Minibatch size :math:`M` (the data term is scaled by :math:`N/M`); the global
         minibatch when training in several processes, each of which takes :math:`M/P` examples per step.
     :param float lr: Adam's learning rate.
-    :param str lr_decay: ``"linear"`` (to 0 at the end of training, as in [2]) or ``"none"``.
+    :param str lr_decay: ``"linear"`` (from the first step to 0 at the end of training), ``"hold-linear"``
+        (constant for the first half of the steps, then linear to 0: the schedule of [2]'s reference code) or
+        ``"none"``.
     :param float kl_warmup: Epochs over which the KL weight rises linearly from 0 to 1 (0: no warm-up).
     :param float kl_warmup_start: Epoch at which the warm-up starts (the KL weight is 0 before).
     :param int pretrain_epochs: Epochs of plain (deterministic) training of the network before variational
@@ -152,11 +158,22 @@ class TrainConfig:
         choices=ESTIMATORS,
         group="variational dropout",
     )
+    train_clip: float | None = option(
+        None,
+        "--guide sparse: the mean of every weight with log alpha at or above this is 0 while training (the "
+        "train_clip of Molchanov et al.'s code, at the pruning threshold 3)",
+        kind="finite_number",
+        metavar="LOG_ALPHA",
+        group="variational dropout",
+    )
     epochs: int = option(30, "passes over the training data", kind="positive_int", group="optimisation")
     batch_size: int = option(100, "minibatch size", kind="positive_int", metavar="M", group="optimisation")
     lr: float = option(3e-3, "Adam's learning rate", kind="positive_number", group="optimisation")
     lr_decay: str = option(
-        "linear", "learning-rate schedule (linear: to 0 at the end)", choices=LR_DECAYS, group="optimisation"
+        "linear",
+        "learning-rate schedule (linear: to 0 at the end; hold-linear: constant for the first half, then linear to 0)",
+        choices=LR_DECAYS,
+        group="optimisation",
     )
     kl_warmup: float = option(
         10.0,
@@ -187,6 +204,11 @@ class TrainConfig:
             check_option(field, getattr(self, field.name))
         if self.data_dir is not None and self.dataset != "mnist":
             raise ValueError(f"data_dir applies to dataset='mnist' only; got dataset={self.dataset!r}")
+        if self.train_clip is not None and self.guide != "sparse":
+            raise ValueError(
+                f"train_clip applies to guide='sparse' (σ² per weight) only; got guide={self.guide!r}: leave "
+                "train_clip unset"
+            )
         if self.guide == "sbp" and self.estimator == SINGLE_SAMPLE:
             raise ValueError(
                 "guide='sbp' needs the local reparameterization (its prior has no density of the weights, only the "
@@ -222,15 +244,23 @@ def kl_weight(config: TrainConfig, epoch_progress: float) -> float:
 
 
 class LinearDecay:
-    """``lr_lambda`` for :class:`torch.optim.lr_scheduler.LambdaLR`: 1 at step 0, 0 after ``total`` steps."""
+    """
+    ``lr_lambda`` for :class:`torch.optim.lr_scheduler.LambdaLR`: the factor of the learning rate at ``step`` of
+    ``total`` steps. ``"linear"``: 1 at step 0, falling linearly to 0 after ``total`` steps; ``"hold-linear"``: 1 for
+    the first half, then falling linearly to 0 after ``total`` steps; ``"none"``: 1 throughout.
+    """
 
     def __init__(self, total: int, decay: str):
+        if decay not in LR_DECAYS:
+            raise ValueError(f"lr_decay must be one of {', '.join(LR_DECAYS)}; got {decay!r}")
         self.total = total
         self.decay = decay
 
     def __call__(self, step: int) -> float:
         if self.decay == "none":
             return 1.0
+        if self.decay == "hold-linear":
+            return min(max(2.0 - 2.0 * step / self.total, 0.0), 1.0)
         return max(1.0 - step / self.total, 0.0)
 
 

@@ -31,6 +31,7 @@ from pyro_vdrop.train import (
     pruned_params,
     save_checkpoint,
 )
+from pyro_vdrop.train.config import LinearDecay
 
 from .interrupt import Interrupt, interrupt_at
 
@@ -162,6 +163,25 @@ def test_kl_weight_schedule():
     assert [kl_weight(config, e) for e in (0, 2, 3, 5, 6, 100)] == [0.0, 0.0, 0.25, 0.75, 1.0, 1.0]
     assert kl_weight(TrainConfig(kl_warmup=0), 0) == 1.0
     assert kl_weight(TrainConfig(kl_warmup=0, kl_warmup_start=1), 0.5) == 0.0
+
+
+def test_lr_decay_schedules():
+    # 12 steps: "linear" falls from the first step, "hold-linear" holds for 6 steps and then falls to 0 at step 12
+    linear, hold, none = (LinearDecay(12, d) for d in ("linear", "hold-linear", "none"))
+    assert [linear(s) for s in (0, 3, 6, 9, 12, 13)] == pytest.approx([1, 0.75, 0.5, 0.25, 0, 0])
+    assert [hold(s) for s in (0, 3, 6, 9, 12, 13)] == pytest.approx([1, 1, 1, 0.5, 0, 0])
+    assert [none(s) for s in (0, 12, 13)] == [1, 1, 1]
+    with pytest.raises(ValueError, match="lr_decay must be one of"):
+        LinearDecay(12, "cosine")
+
+
+def test_hold_linear_lr_reaches_the_optimiser(tmp_path):
+    config = tiny(lr_decay="hold-linear")
+    fit(config, tmp_path, progress=False)
+    with open(tmp_path / METRICS_JSONL) as f:
+        lrs = [json.loads(line)["lr"] for line in f]
+    # the lr of each epoch's last step (4, 8, 12 of 12): held at first, then falling linearly
+    assert lrs == pytest.approx([config.lr, config.lr * (2 - 2 * 7 / 12), config.lr * (2 - 2 * 11 / 12)])
 
 
 @pytest.mark.parametrize("guide,estimator", [("sparse", "lrt"), ("A2", "single-sample")])

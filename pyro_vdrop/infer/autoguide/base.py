@@ -83,6 +83,7 @@ class AutoVariationalDropoutBase:
     init_log_sigma2 = _option("init_log_sigma2")
     init_noise_loc = _option("init_noise_loc")
     init_noise_log_scale = _option("init_noise_log_scale")
+    train_clip = _option("train_clip")
 
     def _set_options(self, options: VariationalDropoutOptions | None, keywords: dict[str, Any]):
         """Sets ``self.options`` from ``options=`` or from the option keywords (not both)."""
@@ -263,6 +264,10 @@ class AutoVariationalDropoutBase:
         if self.parameterization == "additive" and self.noise == "independent":
             log_sigma2 = attrgetter(name)(self.log_sigma2s)
             posterior = VariationalDropoutNormal.from_additive(loc, log_sigma2, **options)
+            if self.train_clip is not None:
+                # the weights pruning would remove get mean 0; σ² and log α (so the KL) are those of θ
+                keep = (posterior.log_alpha.detach() < self.train_clip).to(loc.dtype)
+                posterior.loc = loc * keep
         elif self.noise == "independent":
             posterior = VariationalDropoutNormal(loc, self._get_log_alpha_param(name, loc), **options)
         elif self.noise == "sbp":
@@ -318,7 +323,7 @@ class AutoVariationalDropoutBase:
             if self.noise == "sbp":
                 # the median of w = θ s is θ times the median of s (s > 0)
                 return {name: self._base_posterior(name).median for name in self._layouts}
-            if self.noise == "group":  # θ μ_g with the additive parameterization
+            if self.noise == "group" or self.train_clip is not None:  # θ μ_g (additive), θ 1[log α < t]
                 return {name: self._base_posterior(name).mean.clone() for name in self._layouts}
             return {name: self._get_loc(name).clone() for name in self._layouts}
 

@@ -88,6 +88,12 @@ class VariationalDropoutOptions:
     :param float init_log_sigma2: Initial log σ² of the additive parameterization (default -10 [2]).
     :param float init_noise_loc: ``noise="sbp"``: initial μ of log s (default 0).
     :param float init_noise_log_scale: ``noise="sbp"``: initial log σ of log s (default -3).
+    :param float train_clip: Additive parameterization of independent noise only: the mean of every weight whose
+        log α is at or above ``train_clip`` is 0 in the guide's distribution, its variance σ² kept, so that the
+        network trains without the weights that pruning will remove (the ``train_clip`` of [2]'s reference code,
+        with the pruning threshold 3). The distribution is then :math:`\mathcal{N}(\theta\,1[\log\alpha < t],
+        \sigma^2)` (also its median and the samples); log α, hence the KL, is computed from the unmasked θ, which
+        keeps its KL gradient. Default None: off.
 
     **References**
 
@@ -113,6 +119,7 @@ class VariationalDropoutOptions:
     init_log_sigma2: float = SPARSE_VD_INIT_LOG_SIGMA2
     init_noise_loc: float = DEFAULT_INIT_NOISE_LOC
     init_noise_log_scale: float = DEFAULT_INIT_NOISE_LOG_SCALE
+    train_clip: float | None = None
 
     def __post_init__(self):
         self._check_choices()
@@ -132,6 +139,8 @@ class VariationalDropoutOptions:
             )
         if self.noise == "sbp":
             self._check_sbp()
+        if self.train_clip is not None:
+            self._check_train_clip()
         if self.input_dim is not None and not isinstance(self.input_dim, (int, dict)):
             raise TypeError(f"input_dim must be an int, a dict {{site name: int}} or None, got {self.input_dim!r}")
         if not callable(self.init_loc_fn):
@@ -202,6 +211,17 @@ class VariationalDropoutOptions:
                 "the additive one leaves α unbounded (log α is clipped inside the KL by log_alpha_clip)"
             )
 
+    def _check_train_clip(self):
+        value = self.train_clip
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ValueError(f"train_clip must be a finite log α threshold (e.g. 3) or None, got {value!r}")
+        if self.parameterization != "additive" or self.noise != "independent":
+            raise ValueError(
+                "train_clip zeroes the means of the weights whose log α = log σ² - log θ² passes it, which needs "
+                "σ² per weight: use parameterization='additive' with noise='independent' (the 'sparse' preset), or "
+                "leave train_clip unset"
+            )
+
     def _resolve(self):
         """Replaces the defaults ``None`` / ``"auto"`` by the values in force."""
         granularity = self.granularity
@@ -232,6 +252,7 @@ class VariationalDropoutOptions:
             "init_log_sigma2": float(self.init_log_sigma2),
             "init_noise_loc": float(self.init_noise_loc),
             "init_noise_log_scale": float(self.init_noise_log_scale),
+            "train_clip": None if self.train_clip is None else float(self.train_clip),
         }
         for name, value in resolved.items():
             object.__setattr__(self, name, value)  # frozen: set once, while constructing
