@@ -28,8 +28,8 @@ NOT_RUN = "not run"
 COMMANDS = {
     "table1": "python -m benchmarks.table1 --width 500 --epochs 10 100 --measure-batch 1000 100",
     "fig1a": "python -m benchmarks.fig1a --widths 100 500 1000 1250 --epochs 100",
-    "lenet300": "python -m benchmarks.sparse_lenet300 --epochs 200 --pretrain-epochs 5",
-    "lenet5": "python -m benchmarks.sparse_lenet300 --model lenet5 --epochs 200 --pretrain-epochs 10",
+    "lenet300": "python -m benchmarks.sparse_lenet300",
+    "lenet5": "python -m benchmarks.sparse_lenet300 --model lenet5 --pretrain-epochs 10 --lr-decay linear",
 }
 
 

@@ -47,10 +47,11 @@ def plan(args) -> list[dict]:
     suffix = "-embedded" if q else ""
     sparse_small = ["--train-subset", "200", "--test-subset", "100", "--num-samples", "2"] if q else []
     out = []
-    for model, epochs, pretrain in (("lenet300", 200, 5), ("lenet5", 200, 10)):
+    # LeNet-300-100 with fit's MNIST recipe; LeNet-5-Caffe as in Molchanov et al.'s code: pretrained, linear decay
+    for model, epochs, pretrain, decay in (("lenet300", 200, 5, "hold-linear"), ("lenet5", 200, 10, "linear")):
         epochs, pretrain = (2, 1) if q else (epochs, pretrain)
         name = record_name(model, epochs, "embedded" if q else "mnist")
-        argv = ["benchmarks.sparse_lenet300", "--model", model, "--epochs", str(epochs)]
+        argv = ["benchmarks.sparse_lenet300", "--model", model, "--epochs", str(epochs), "--lr-decay", decay]
         argv += ["--pretrain-epochs", str(pretrain), "--kl-warmup-start", "0" if q else "5"]
         argv += ["--kl-warmup", "1" if q else "15", "--results", str(results), "--out", str(runs / name)]
         out.append(

@@ -225,7 +225,7 @@ def _fit(args, argv) -> None:
         config = None
     else:
         try:
-            config = TrainConfig(**given)
+            config = TrainConfig.for_dataset(**given)  # the data set's recipe where no option is given
         except ValueError as e:
             raise RunError(str(e)) from e
     nproc, torchrun = args.nproc or 1, _torchrun_world_size() > 1

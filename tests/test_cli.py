@@ -264,3 +264,28 @@ def test_fit_options_come_from_train_config():
                 action.type(bad)
             with pytest.raises(ValueError, match=f"{field.name} must be"):
                 TrainConfig(**{field.name: float(bad) if bad == "nan" else -1})
+
+
+def test_fit_takes_the_data_sets_recipe_where_no_option_is_given(monkeypatch, tmp_path):
+    # `--dataset mnist` trains with RECIPES["mnist"]; given options win; other guides do not get train_clip
+    import pyro_vdrop.train as train
+    from pyro_vdrop.train import RECIPES, RunError, TrainConfig
+
+    seen = []
+
+    def fake_fit(config, out, **kwargs):
+        seen.append(config)
+        raise RunError("stopped by the test")
+
+    monkeypatch.setattr(train, "fit", fake_fit)
+    out = str(tmp_path / "run")
+    assert main(["fit", "--dataset", "mnist", "--out", out]) == 2
+    assert main(["fit", "--dataset", "mnist", "--epochs", "3", "--guide", "B", "--out", out]) == 2
+    assert main(["fit", "--out", out]) == 2
+    recipe, override, embedded = seen
+    assert {k: getattr(recipe, k) for k in RECIPES["mnist"]} == RECIPES["mnist"]
+    assert override.epochs == 3 and override.guide == "B" and override.train_clip is None
+    assert override.lr == RECIPES["mnist"]["lr"]
+    assert embedded == TrainConfig()
+    with pytest.raises(ValueError, match="dataset must be one of"):
+        TrainConfig.for_dataset("cifar")

@@ -25,6 +25,24 @@ PRUNE_THRESHOLD = PRUNE_LOG_ALPHA_THRESHOLD
 #: Sparse VD clips :math:`\log\alpha` to this interval inside the KL (:mod:`pyro_vdrop.infer.sparsity`).
 SPARSE_LOG_ALPHA_CLIP = SPARSE_VD_LOG_ALPHA_CLIP
 
+#: The recipe of each data set: the options :meth:`TrainConfig.for_dataset` (and ``pyro-vdrop fit --dataset D``)
+#: take where none is given. ``"embedded"``: the :class:`TrainConfig` defaults (about a minute on two CPU cores).
+#: ``"mnist"``: sparse VD at the scale of [2] (200 epochs, Adam 1e-3, KL weight 0 until epoch 5, 1 at epoch 20,
+#: 5 epochs of pretraining), with the schedule and ``train_clip`` chosen by ``benchmarks/sparse_ablation.py``
+#: (``benchmarks/results/sparse_ablation-lenet300-40ep.json``); ``train_clip`` applies to ``guide="sparse"`` only.
+RECIPES = {
+    "embedded": {},
+    "mnist": {
+        "epochs": 200,
+        "lr": 1e-3,
+        "lr_decay": "hold-linear",
+        "kl_warmup_start": 5.0,
+        "kl_warmup": 15.0,
+        "pretrain_epochs": 5,
+        "train_clip": 3.0,
+    },
+}
+
 #: Options that may differ when a run is resumed or evaluated (where the data is, where to compute).
 RUNTIME_FIELDS = ("data_dir", "device")
 
@@ -215,6 +233,24 @@ class TrainConfig:
                 f"KL of the noise): use estimator {LRT!r} or {FLIPOUT!r}, not {SINGLE_SAMPLE!r}"
             )
 
+    @classmethod
+    def for_dataset(cls, dataset: str = "embedded", **options) -> "TrainConfig":
+        """
+        The configuration for ``dataset`` with its recipe (:data:`RECIPES`) for every option not in ``options``:
+        ``TrainConfig.for_dataset("mnist")`` trains sparse VD LeNet-300-100 on MNIST the way that reached the
+        paper's compression; ``TrainConfig.for_dataset("mnist", epochs=20)`` changes one option of it. The recipe's
+        ``train_clip`` is left out for guides other than ``"sparse"``. ``pyro-vdrop fit`` builds its configuration
+        this way.
+
+        :raises ValueError: for an unknown data set or option value, as :class:`TrainConfig` does.
+        """
+        if dataset not in RECIPES:
+            raise ValueError(f"dataset must be one of {', '.join(DATASETS)}; got {dataset!r}")
+        recipe = dict(RECIPES[dataset])
+        if options.get("guide", cls.guide) != "sparse":
+            recipe.pop("train_clip", None)
+        return cls(dataset=dataset, **{**recipe, **options})
+
     def to_dict(self) -> dict:
         """The configuration as a JSON-serialisable dict."""
         return dataclasses.asdict(self)
@@ -273,6 +309,7 @@ def replace_config(config: TrainConfig, changes: dict) -> TrainConfig:
 
 __all__ = [
     "A2_KL_SCALE",
+    "RECIPES",
     "DATASETS",
     "DEVICES",
     "ESTIMATORS",

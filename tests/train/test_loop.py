@@ -274,6 +274,20 @@ def test_evaluate_pruned_error_equals_pruned_network(trained_run):
     assert (trained_run / "evaluation.json").is_file()
 
 
+def test_train_clip_run_is_its_own_pruned_network(tmp_path):
+    # with train_clip at the pruning threshold, the guide's means are the pruned network's weights
+    fit(tiny(epochs=4, lr=0.01, train_clip=0.0), tmp_path, progress=False)
+    session, _ = open_run(tmp_path)
+    assert session.config.train_clip == 0.0 and session.guide.train_clip == 0.0
+    log_alpha = session.guide.log_alpha()
+    assert 0 < torch.cat([(v >= 0).flatten() for v in log_alpha.values()]).float().mean() < 1
+    theta = session.guide.median()
+    for name, la in log_alpha.items():
+        assert torch.all(theta[name][la >= 0] == 0)
+    result = evaluate(tmp_path, num_samples=2, threshold=0.0)
+    assert result["test_error"] == result["test_error_pruned"]
+
+
 def test_evaluate_mc_predictive(trained_run):
     result = evaluate(trained_run, num_samples=3)
     assert set(result) >= {"test_error", "test_error_pruned", "test_error_mc", "test_nll_mc", "compression"}
