@@ -51,6 +51,19 @@ def load_state(path) -> dict:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
+def fit_resumable(config, out, *, restart: bool = False, callback=None, command: str | None = None) -> tuple:
+    """
+    ``pyro_vdrop.train.fit(config, out)`` that continues the run in ``out`` when it holds a checkpoint (unless
+    ``restart``), and starts it over otherwise. Returns ``(summary, resumed)``.
+    """
+    from pyro_vdrop.train import fit
+
+    out = Path(out)
+    resume = (out / "checkpoint.pt").is_file() and not restart
+    summary = fit(config, out, resume=resume, overwrite=not resume, progress=False, callback=callback, command=command)
+    return summary, resume
+
+
 class _Stop(Exception):
     pass
 

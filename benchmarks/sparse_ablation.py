@@ -28,8 +28,8 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.paper import RESULTS, epoch_logger, read_record, write_record
-from pyro_vdrop.train import TrainConfig, environment, evaluate, fit, read_metrics
+from benchmarks.paper import RESULTS, epoch_logger, fit_resumable, read_record, write_record
+from pyro_vdrop.train import TrainConfig, environment, evaluate, read_metrics
 
 #: The variants: their differences from the base recipe (sparse VD, LeNet-300-100, batch 100, Adam 1e-3).
 VARIANTS = {
@@ -121,16 +121,7 @@ def main(argv=None):
             continue
         config = config_of(args, name)
         out = Path(args.run_root) / f"sparse_ablation-{args.epochs}ep{suffix}" / name
-        resume = (out / "checkpoint.pt").is_file() and not args.restart
-        summary = fit(
-            config,
-            out,
-            resume=resume,
-            overwrite=not resume,
-            progress=False,
-            callback=epoch_logger(name),
-            command=command,
-        )
+        summary, _ = fit_resumable(config, out, restart=args.restart, callback=epoch_logger(name), command=command)
         result = evaluate(out, data_dir=args.data_dir)
         record["variants"][name] = {
             "config": config.to_dict(),

@@ -27,8 +27,8 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.paper import RESULTS, epoch_logger, estimate_fit_seconds, hours, write_record
-from pyro_vdrop.train import LR_DECAYS, RECIPES, TrainConfig, environment, evaluate, fit, read_metrics
+from benchmarks.paper import RESULTS, epoch_logger, estimate_fit_seconds, fit_resumable, hours, write_record
+from pyro_vdrop.train import LR_DECAYS, RECIPES, TrainConfig, environment, evaluate, read_metrics
 
 #: The defaults: ``pyro-vdrop fit --dataset mnist``'s recipe (:data:`pyro_vdrop.train.config.RECIPES`).
 RECIPE = RECIPES["mnist"]
@@ -123,17 +123,9 @@ def main(argv=None):
         return None
     command = shlex.join(["python", "-m", "benchmarks.sparse_lenet300", *(sys.argv[1:] if argv is None else argv)])
     out = Path(args.out or f"runs/benchmarks/{name}")
-    resume = (out / "checkpoint.pt").is_file() and not args.restart
     t0 = time.perf_counter()
-    summary = fit(
-        config,
-        out,
-        resume=resume,
-        overwrite=not resume,
-        progress=False,
-        callback=None if args.no_progress else epoch_logger(f"sparse {args.model}"),
-        command=command,
-    )
+    callback = None if args.no_progress else epoch_logger(f"sparse {args.model}")
+    summary, resume = fit_resumable(config, out, restart=args.restart, callback=callback, command=command)
     result = evaluate(out, num_samples=args.num_samples)
     wall = time.perf_counter() - t0
     paper = PAPERS[args.model]

@@ -8,7 +8,7 @@ import pyro
 import pytest
 import torch
 
-from benchmarks import fig1a, paper_table, reproduce, sparse_lenet300, table1
+from benchmarks import fig1a, paper_table, reproduce, sparse_ablation, sparse_lenet300, table1
 from benchmarks.grad_variance import make_model
 from pyro_vdrop.infer import AutoVariationalDropout
 from pyro_vdrop.infer.gradient_variance import gradient_variance
@@ -193,6 +193,25 @@ def test_sparse_lenet5_quick_resumes(tmp_path, monkeypatch):
     assert record["paper"] == {"test_error": 0.0075, "compression": 280.0, "epochs": 200, "sparsity": 0.9964}
     assert (tmp_path / "res" / "sparse_lenet5-2ep-embedded.json").is_file()
     assert record["figures"]["compression"] >= 1
+
+
+def test_sparse_ablation_records_each_variant_and_skips_done_ones(tmp_path, capsys):
+    args = ["--dataset", "embedded", "--epochs", "1", "--train-subset", "200", "--test-subset", "100"]
+    args += ["--run-root", str(tmp_path / "runs"), "--results", str(tmp_path / "res")]
+    record = sparse_ablation.main([*args, "--only", "baseline,hold-linear+train-clip"])
+    variants = record["variants"]
+    assert list(variants) == ["baseline", "hold-linear+train-clip"]
+    assert variants["baseline"]["config"]["train_clip"] is None
+    assert variants["hold-linear+train-clip"]["config"]["train_clip"] == 3.0
+    assert variants["hold-linear+train-clip"]["config"]["lr_decay"] == "hold-linear"
+    assert [m["epoch"] for m in variants["baseline"]["metrics"]] == [1]
+    path = tmp_path / "res" / "sparse_ablation-lenet300-1ep-embedded.json"
+    assert json.loads(path.read_text())["variants"].keys() == variants.keys()
+    capsys.readouterr()
+    sparse_ablation.main([*args, "--only", "baseline"])  # done: skipped, not retrained
+    assert "baseline: in" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        sparse_ablation.main([*args, "--only", "cosine"])
 
 
 def _table1_record(width, top10, lrt10):
