@@ -6,10 +6,10 @@ linearly to 0 from the first step, ours so far; ``hold-linear``: constant for th
 the schedule of [1]'s reference code), the start (5 epochs of plain pretraining, ours so far; or the fan-in
 initialisation, as [1]'s reference code starts from a random network) and ``train_clip`` (the means of weights
 with log α ≥ 3 are 0 while training, as in [1]'s reference code). ``reference`` combines the reference code's
-three choices. The KL warm-up is [1]'s (weight 0 until
-epoch 5 of 200, rising to 1 at epoch 20), scaled to ``--epochs``.
+three choices. The KL warm-up is [1]'s (weight 0 until epoch 5 of 200, rising to 1 at epoch 20), scaled to
+``--epochs``.
 
-    python -m benchmarks.sparse_ablation --epochs 40 --data-dir $PYRO_VDROP_MNIST_DIR       # ~11 min per variant
+    python -m benchmarks.sparse_ablation --epochs 40 --data-dir $PYRO_VDROP_MNIST_DIR       # ~6.5 min per variant
     python -m benchmarks.sparse_ablation --epochs 40 --only hold-linear,no-pretrain         # some variants
 
 Every variant trains in its own run folder (``runs/benchmarks/sparse_ablation-<epochs>ep/<variant>``), resumed
