@@ -9,13 +9,15 @@ hidden width, for Bernoulli dropout (p = 0.5 on the hidden units), Bernoulli-equ
     python -m benchmarks.fig1a --widths 100 --epochs 5 --methods A B        # a short run
     python -m benchmarks.fig1a --epochs 100 --estimate                      # CPU-time estimate of the grid
     python -m benchmarks.fig1a --epochs 100 --plot                          # the PNG, from the records
+    python -m benchmarks.fig1a --epochs 100 --device cuda --jobs 8          # a GPU machine: 8 cells at a time
 
 Every (width, method) cell is one run: its run folder (``runs/benchmarks/fig1a-<E>ep/w<W>-<method>``) is resumed
-when interrupted, and its record ``benchmarks/results/fig1a/w<W>-<method>-<E>ep.json`` (command, versions,
-machine, configuration, learning curve, final errors) is written when it ends; a cell whose record exists is
-skipped, so rerunning the grid continues it. ``--plot`` draws test error against width, one line per method, from
-the records (needs matplotlib: ``pip install pyro-vdrop[plot]``). Needs the MNIST files (``--data-dir`` or
-``$PYRO_VDROP_MNIST_DIR``) unless ``--dataset embedded``.
+when interrupted, and its record ``benchmarks/results/fig1a/w<W>-<method>-<E>ep.json`` (command, versions, machine,
+configuration, learning curve, final errors) is written when it ends; a cell whose record exists is skipped, so
+rerunning the grid continues it. ``--jobs N`` trains N cells at once, each in its own process of this script with
+its output in ``runs/benchmarks/fig1a-<E>ep/w<W>-<method>.log``. ``--plot`` draws test error against width, one
+line per method, from the records (needs matplotlib: ``pip install pyro-vdrop[plot]``). Needs the MNIST files
+(``--data-dir`` or ``$PYRO_VDROP_MNIST_DIR``) unless ``--dataset embedded``.
 
 [1] Kingma, Salimans, Welling. "Variational Dropout and the Local Reparameterization Trick." NeurIPS 2015.
 """
@@ -31,7 +33,7 @@ import torch
 
 from benchmarks.paper import RESULTS, epoch_logger, estimate_fit_seconds, hours, load_state, save_state, write_record
 from pyro_vdrop.train import TrainConfig, environment, evaluate, fit, read_metrics
-from pyro_vdrop.train.components import load_data, seeded_generator
+from pyro_vdrop.train.components import load_data, seeded_generator, select_device
 from pyro_vdrop.train.errors import RunError
 
 METHODS = ("bernoulli", "gaussian-dropout", "A", "A2", "B")
@@ -70,7 +72,7 @@ def config_for(args, width, method) -> TrainConfig:
         kl_warmup=args.kl_warmup,
         pretrain_epochs=0,
         seed=args.seed,
-        device="cpu",
+        device=args.device,
     )
 
 
@@ -82,6 +84,7 @@ def train_bernoulli(config: TrainConfig, run_dir: Path, *, progress: bool) -> di
     """
     from pyro_vdrop import nn as vnn
 
+    device = select_device(config.device)
     torch.manual_seed(config.seed)
     base = vnn.mnist_mlp(config.width)
     layers = []
@@ -89,8 +92,8 @@ def train_bernoulli(config: TrainConfig, run_dir: Path, *, progress: bool) -> di
         layers.append(m)
         if isinstance(m, torch.nn.ReLU):
             layers.append(torch.nn.Dropout(config.dropout_p))
-    net = torch.nn.Sequential(*layers)
-    x, y, xt, yt = load_data(config)
+    net = torch.nn.Sequential(*layers).to(device)
+    x, y, xt, yt = load_data(config, device=device)
     n, b = x.shape[0], config.batch_size
     steps = -(-n // b) * config.epochs
     opt = torch.optim.Adam(net.parameters(), lr=config.lr)
@@ -105,6 +108,8 @@ def train_bernoulli(config: TrainConfig, run_dir: Path, *, progress: bool) -> di
         opt.load_state_dict(state["opt"])
         sched.load_state_dict(state["sched"])
         torch.set_rng_state(state["rng"])
+        if device.type == "cuda":
+            torch.cuda.set_rng_state(state["cuda_rng"], device)
         history, epoch, elapsed = json.loads(state["history"]), int(state["epoch"]), float(state["elapsed"])
     while epoch < config.epochs:
         t0 = time.perf_counter()
@@ -135,6 +140,7 @@ def train_bernoulli(config: TrainConfig, run_dir: Path, *, progress: bool) -> di
                 "opt": opt.state_dict(),
                 "sched": sched.state_dict(),
                 "rng": torch.get_rng_state(),
+                **({"cuda_rng": torch.cuda.get_rng_state(device)} if device.type == "cuda" else {}),
                 "history": json.dumps(history),
                 "epoch": epoch,
                 "elapsed": elapsed,
@@ -230,6 +236,51 @@ def table_text(cells, widths) -> str:
     return "\n".join(lines)
 
 
+def cell_argv(argv, width, method) -> list[str]:
+    """The command-line arguments ``argv`` of a grid run, narrowed to one cell and one job."""
+    out, skip = [], False
+    for a in argv:
+        if a in ("--widths", "--methods", "--jobs"):
+            skip = True
+            continue
+        if a.split("=", 1)[0] in ("--widths", "--methods", "--jobs"):
+            continue
+        if skip and not a.startswith("--"):
+            continue
+        skip = False
+        out.append(a)
+    return [*out, "--widths", str(width), "--methods", method, "--jobs", "1"]
+
+
+def run_parallel(args, argv, cells) -> list[str]:
+    """
+    Runs ``cells`` (``(width, method)`` pairs) as ``args.jobs`` concurrent processes of this script, one cell each
+    (each resumable and writing its own record), with their output in ``<run root>/fig1a-<E>ep/w<W>-<method>.log``.
+    Returns the cells that failed.
+    """
+    import subprocess
+
+    logs = Path(args.run_root) / f"fig1a-{args.epochs}ep{args.suffix}"
+    logs.mkdir(parents=True, exist_ok=True)
+    queue, running, failed = list(cells), {}, []
+    while queue or running:
+        while queue and len(running) < args.jobs:
+            width, method = queue.pop(0)
+            log = open(logs / f"w{width}-{method}.log", "a")
+            cmd = [sys.executable, "-m", "benchmarks.fig1a", *cell_argv(argv, width, method)]
+            running[f"w{width}-{method}"] = (subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT), log)
+            print(f"fig1a w{width} {method}: started (log {log.name})", flush=True)
+        time.sleep(0.2)
+        for name, (proc, log) in list(running.items()):
+            if proc.poll() is not None:
+                log.close()
+                del running[name]
+                print(f"fig1a {name}: {'done' if proc.returncode == 0 else f'FAILED (exit {proc.returncode})'}")
+                if proc.returncode != 0:
+                    failed.append(name)
+    return failed
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--widths", type=int, nargs="+", default=list(WIDTHS), help="hidden units per layer")
@@ -248,17 +299,22 @@ def main(argv=None):
     parser.add_argument("--run-root", default="runs/benchmarks", help="parent of the run folders")
     parser.add_argument("--results", default=str(RESULTS), help="folder of the records (cells under fig1a/)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads")
+    parser.add_argument("--device", choices=("cpu", "cuda", "auto"), default="auto", help="where to train")
+    parser.add_argument("--jobs", type=int, default=1, help="cells trained at once, each in its own process")
     parser.add_argument("--estimate", action="store_true", help="print the grid's CPU-time estimate and exit")
     parser.add_argument("--plot", action="store_true", help="only draw the PNG from the records")
     parser.add_argument("--no-progress", action="store_true")
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
+    if args.jobs < 1:
+        parser.error("--jobs must be at least 1")
     args.suffix = "" if args.dataset == "mnist" else "-embedded"
     torch.set_num_threads(args.threads)
     png = Path(args.results) / f"fig1a-{args.epochs}ep{args.suffix}.png"
     if args.plot:
         print(f"wrote {plot(args.results, args.epochs, png, args.suffix)}")
         return 0
-    command = shlex.join(["python", "-m", "benchmarks.fig1a", *(sys.argv[1:] if argv is None else argv)])
+    command = shlex.join(["python", "-m", "benchmarks.fig1a", *argv])
     if args.estimate:
         total = 0.0
         for width in args.widths:
@@ -275,13 +331,22 @@ def main(argv=None):
                 print(f"fig1a w{width} {method}: {1e3 * e['seconds_per_step']:.0f} ms/step, about {hours(seconds)}")
         print(f"fig1a grid, {args.epochs} epochs, cells without a record: about {hours(total)} in all", flush=True)
         return 0
+    pending = []
     for width in args.widths:
         for method in args.methods:
             path = record_path(args.results, width, method, args.epochs)
             path = path.with_name(path.stem + args.suffix + ".json")
             if path.is_file():
                 print(f"fig1a w{width} {method}: record {path} exists, skipped", flush=True)
-                continue
+            else:
+                pending.append((width, method, path))
+    if args.jobs > 1:
+        failed = run_parallel(args, argv, [(w, m) for w, m, _ in pending])
+        if failed:
+            print(f"fig1a: {len(failed)} cell(s) failed: {', '.join(failed)} (see their logs)", flush=True)
+            return 1
+    else:
+        for width, method, path in pending:
             print(f"fig1a w{width} {method}: training {args.epochs} epochs", flush=True)
             record = run_cell(args, width, method, command)
             write_record(path, record)

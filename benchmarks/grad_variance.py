@@ -50,8 +50,8 @@ def make_model(sizes, num_data):
     def model(x, y=None):
         h = x
         for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
-            w = pyro.sample(f"w{i}", ImproperLogUniform().expand([b, a]).to_event(2))
-            h = F.linear(h, w, pyro.param(f"b{i}", torch.zeros(b)))
+            w = pyro.sample(f"w{i}", ImproperLogUniform(device=x.device).expand([b, a]).to_event(2))
+            h = F.linear(h, w, pyro.param(f"b{i}", lambda b=b: torch.zeros(b, device=x.device)))
             if i < len(sizes) - 2:
                 h = torch.relu(h)
         with pyro.plate("data", num_data, subsample_size=x.shape[0]):

@@ -26,6 +26,19 @@ def write_record(path, record) -> None:
     write_json(path, record)
 
 
+def resolve_mnist_dir(parser, args) -> None:
+    """
+    Sets ``args.data_dir`` for ``args.dataset``: the MNIST folder from ``--data-dir`` or ``$PYRO_VDROP_MNIST_DIR``
+    (a usage error naming both when neither is given), None for the embedded set.
+    """
+    if args.dataset != "mnist":
+        args.data_dir = None
+    elif args.data_dir is None:
+        args.data_dir = os.environ.get("PYRO_VDROP_MNIST_DIR")
+        if not args.data_dir:
+            parser.error("give --data-dir or set PYRO_VDROP_MNIST_DIR (or --dataset embedded)")
+
+
 def read_record(path) -> dict | None:
     """The JSON record at ``path``, or None if there is none."""
     path = Path(path)

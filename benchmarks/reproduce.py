@@ -6,6 +6,7 @@ Runs the paper-reproduction experiments one at a time, under ``nice``, each resu
     nohup python -m benchmarks.reproduce --data-dir ../shared/data/mnist > runs/reproduce/driver.log 2>&1 &
     python -m benchmarks.reproduce --estimate-only          # each experiment's CPU-time estimate, nothing run
     python -m benchmarks.reproduce --only table1 sparse_lenet5 --dry-run
+    python -m benchmarks.reproduce --data-dir ../shared/data/mnist --device cuda --fig1a-jobs 8   # a GPU machine
 
 Experiments (in this order): ``sparse_lenet300`` (Molchanov et al.'s LeNet-300-100), ``table1`` ([1, Table 1] at
 M = 1000 and 100, width ``--table1-width``), ``sparse_lenet5`` (LeNet-5-Caffe from a pretrained start) and
@@ -42,7 +43,7 @@ def plan(args) -> list[dict]:
     data = ["--dataset", "embedded"] if args.quick else ["--data-dir", args.data_dir]
     results = Path(args.results)
     runs = Path(args.run_root)
-    threads = ["--threads", str(args.threads)]
+    threads = ["--threads", str(args.threads), "--device", args.device]
     q = args.quick
     suffix = "-embedded" if q else ""
     sparse_small = ["--train-subset", "200", "--test-subset", "100", "--num-samples", "2"] if q else []
@@ -71,7 +72,7 @@ def plan(args) -> list[dict]:
     widths = [8, 16] if q else list(args.fig1a_widths)
     epochs = 2 if q else args.fig1a_epochs
     argv = ["benchmarks.fig1a", "--widths", *map(str, widths), "--epochs", str(epochs)]
-    argv += ["--results", str(results), "--run-root", str(runs)]
+    argv += ["--results", str(results), "--run-root", str(runs), "--jobs", str(args.fig1a_jobs)]
     argv += ["--train-subset", "300", "--test-subset", "200"] if q else []
     complete = all(
         record_path(results, w, m, epochs).with_name(f"w{w}-{m}-{epochs}ep{suffix}.json").is_file()
@@ -100,6 +101,8 @@ def main(argv=None) -> int:
     parser.add_argument("--table1-width", type=int, default=500)
     parser.add_argument("--fig1a-widths", type=int, nargs="+", default=list(WIDTHS))
     parser.add_argument("--fig1a-epochs", type=int, default=100)
+    parser.add_argument("--fig1a-jobs", type=int, default=1, help="Fig. 1a cells trained at once")
+    parser.add_argument("--device", choices=("cpu", "cuda", "auto"), default="auto", help="where every experiment runs")
     parser.add_argument("--results", default=str(RESULTS))
     parser.add_argument("--run-root", default="runs/benchmarks", help="parent of the run folders")
     parser.add_argument("--log-dir", default="runs/reproduce", help="folder of the progress logs")

@@ -20,7 +20,6 @@ atomically after every variant, and variants already in it are skipped (``--rest
 """
 
 import argparse
-import os
 import shlex
 import sys
 import time
@@ -28,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.paper import RESULTS, epoch_logger, fit_resumable, read_record, write_record
+from benchmarks.paper import RESULTS, epoch_logger, fit_resumable, read_record, resolve_mnist_dir, write_record
 from pyro_vdrop.train import TrainConfig, environment, evaluate, read_metrics
 
 #: The variants: their differences from the base recipe (sparse VD, LeNet-300-100, batch 100, Adam 1e-3).
@@ -97,12 +96,7 @@ def main(argv=None):
     unknown = [n for n in names if n not in VARIANTS]
     if unknown:
         parser.error(f"--only: unknown variants {unknown}; known: {', '.join(VARIANTS)}")
-    if args.dataset == "mnist" and args.data_dir is None:
-        args.data_dir = os.environ.get("PYRO_VDROP_MNIST_DIR")
-        if not args.data_dir:
-            parser.error("give --data-dir or set PYRO_VDROP_MNIST_DIR (or --dataset embedded)")
-    if args.dataset != "mnist":
-        args.data_dir = None
+    resolve_mnist_dir(parser, args)
     torch.set_num_threads(args.threads)
     command = shlex.join(["python", "-m", "benchmarks.sparse_ablation", *(sys.argv[1:] if argv is None else argv)])
     suffix = "" if args.dataset == "mnist" else "-embedded"

@@ -38,10 +38,11 @@ import torch
 from pyro.infer import SVI, TraceMeanField_ELBO
 
 from benchmarks.grad_variance import make_model
-from benchmarks.paper import RESULTS, hours, load_state, read_record, save_state, write_record
+from benchmarks.paper import RESULTS, hours, load_state, read_record, resolve_mnist_dir, save_state, write_record
 from pyro_vdrop.infer import AutoVariationalDropout
 from pyro_vdrop.infer.gradient_variance import GRADIENT_ESTIMATORS, gradient_variance
 from pyro_vdrop.poutine import estimator_handler, local_reparam
+from pyro_vdrop.train.components import select_device
 from pyro_vdrop.util import environment
 
 #: [1, Table 1]: variance of the gradient wrt the top / bottom layer after 10 / 100 epochs (M = 1000).
@@ -123,7 +124,9 @@ class Experiment:
         self.args = args
         pyro.clear_param_store()
         pyro.set_rng_seed(args.seed)
-        self.x, self.y = load(args)
+        self.device = select_device(args.device)
+        x, y = load(args)
+        self.x, self.y = x.to(self.device), y.to(self.device)
         self.n = self.x.shape[0]
         self.sizes = (self.x.shape[1], args.width, args.width, args.width, 10)
         self.model = make_model(self.sizes, self.n)
@@ -153,6 +156,7 @@ class Experiment:
             "params": {k: store[k].unconstrained().detach().clone() for k in store.keys()},
             "optim": self.optim.get_state(),
             "rng": torch.get_rng_state(),
+            **({"cuda_rng": torch.cuda.get_rng_state(self.device)} if self.device.type == "cuda" else {}),
         }
 
     def restore(self, state: dict) -> None:
@@ -164,6 +168,10 @@ class Experiment:
                 store[k].unconstrained().copy_(v)
         self.optim.set_state(state["optim"])
         torch.set_rng_state(state["rng"])
+        if self.device.type == "cuda":
+            if "cuda_rng" not in state:
+                raise ValueError("the checkpoint was written on the CPU; resume it with --device cpu or use --restart")
+            torch.cuda.set_rng_state(state["cuda_rng"], self.device)
 
     def mean_log_alpha(self) -> dict:
         with torch.no_grad():
@@ -319,6 +327,7 @@ def parse(argv=None):
     parser.add_argument("--data-dir", default=None, help="MNIST folder (default: $PYRO_VDROP_MNIST_DIR)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1, help="torch threads")
+    parser.add_argument("--device", choices=("cpu", "cuda", "auto"), default="auto", help="where to train and measure")
     parser.add_argument("--run-dir", default=None, help="checkpoint folder (default: runs/benchmarks/table1-w<W>)")
     parser.add_argument("--out", default=None, help="JSON record (default: benchmarks/results/table1-w<W>.json)")
     parser.add_argument("--restart", action="store_true", help="start over instead of resuming")
@@ -331,12 +340,7 @@ def parse(argv=None):
     if min(args.epochs) < 1 or min(args.measure_batch) < 1:
         parser.error("--epochs and --measure-batch take positive integers")
     args.epochs = sorted(set(args.epochs))
-    if args.dataset == "mnist" and args.data_dir is None:
-        import os
-
-        args.data_dir = os.environ.get("PYRO_VDROP_MNIST_DIR")
-        if not args.data_dir:
-            parser.error("give --data-dir or set PYRO_VDROP_MNIST_DIR (or --dataset embedded)")
+    resolve_mnist_dir(parser, args)
     suffix = "" if args.dataset == "mnist" else "-embedded"
     args.run_dir = Path(args.run_dir or f"runs/benchmarks/table1-w{args.width}{suffix}")
     args.out = Path(args.out or RESULTS / f"table1-w{args.width}{suffix}.json")
@@ -385,6 +389,7 @@ def main(argv=None) -> dict | None:
                 "parameters": {"bottom": exp.bottom, "top": exp.top},
                 "variance": "mean over weights of the per-weight sample variance of the gradient over draws",
                 "width": args.width,
+                "device": str(exp.device),
                 "measure_batch": args.measure_batch,
                 "options": options,
             },

@@ -34,6 +34,15 @@ TABLE1 = [
 ]
 
 
+def test_table1_trains_and_measures_on_the_device(tmp_path, device):
+    args = TABLE1[: TABLE1.index("--epochs")] + ["--epochs", "1", "--measure-batch", "40", "--chunk", "20"]
+    args += ["--draws", "2", "--train-size", "200", "--device", device.type]
+    record = table1.main(args + ["--run-dir", str(tmp_path / "run"), "--out", str(tmp_path / "t.json")])
+    assert record["complete"] and record["protocol"]["device"].startswith(device.type)
+    row = record["points"]["1"]["variances"]["M40"]
+    assert row["lrt"]["fixed_batch"]["top"] > 0 and row["no noise"]["fixed_batch"]["top"] == 0.0
+
+
 def _variances(record):
     """The measured variances, without the seconds they took."""
     return {
@@ -140,10 +149,36 @@ def test_fig1a_quick_grid_skips_done_cells(tmp_path, capsys):
     assert (tmp_path / "res" / "fig1a-2ep-embedded.png").stat().st_size > 1000
 
 
+def test_fig1a_cell_argv_narrows_the_grid_to_one_cell():
+    argv = ["--widths", "100", "500", "--epochs", "3", "--methods", "A", "B", "--jobs=4", "--device", "cuda"]
+    assert fig1a.cell_argv(argv, 500, "B") == [
+        "--epochs", "3", "--device", "cuda", "--widths", "500", "--methods", "B", "--jobs", "1",
+    ]  # fmt: skip
+
+
+def test_fig1a_parallel_cells_match_sequential_ones(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    base = FIG1A + ["--widths", "8", "--methods", "bernoulli", "A"]
+    assert fig1a.main(base + ["--results", str(tmp_path / "seq"), "--run-root", str(tmp_path / "r1")]) == 0
+    par = base + ["--results", str(tmp_path / "par"), "--run-root", str(tmp_path / "r2"), "--jobs", "2"]
+    assert fig1a.main(par) == 0
+    out = capsys.readouterr().out
+    assert out.count("started (log") == 2
+    for method in ("bernoulli", "A"):
+        name = f"w8-{method}-2ep-embedded.json"
+        seq = json.loads((tmp_path / "seq" / "fig1a" / name).read_text())
+        got = json.loads((tmp_path / "par" / "fig1a" / name).read_text())
+        assert got["test_error"] == seq["test_error"]  # same seed, same cell: the same run
+        assert "--jobs 1" in got["command"] and "--widths 8 --methods " + method in got["command"]
+        assert (tmp_path / "r2" / "fig1a-2ep-embedded" / f"w8-{method}.log").is_file()
+    assert fig1a.main(par + ["--widths", "8", "--methods", "B", "--epochs", "0"]) == 1  # a failing cell is reported
+    assert "1 cell(s) failed: w8-B" in capsys.readouterr().out
+
+
 def test_fig1a_bernoulli_resumes_exactly(tmp_path, monkeypatch):
     args = fig1a.argparse.Namespace(
         dataset="embedded", data_dir=None, train_subset=200, test_subset=100, p=0.5, epochs=3, batch_size=50,
-        lr=1e-3, kl_warmup=0.0, seed=0,
+        lr=1e-3, kl_warmup=0.0, seed=0, device="cpu",
     )  # fmt: skip
     config = fig1a.config_for(args, 8, "bernoulli")
     (tmp_path / "a").mkdir()
@@ -287,10 +322,12 @@ def test_reproduce_runs_resumably(tmp_path, capsys):
     common += ["--log-dir", str(tmp_path / "logs"), "--readme", str(tmp_path / "README.md")]
     readme = tmp_path / "README.md"
     readme.write_text(f"{paper_table.START}\n{paper_table.END}\n")
-    assert reproduce.main(common + ["--dry-run"]) == 0
+    assert reproduce.main(common + ["--dry-run", "--device", "cpu", "--fig1a-jobs", "3"]) == 0
     out = capsys.readouterr().out
     for name in reproduce.EXPERIMENTS:
-        assert f"] {name}: nice -n 10 " in out
+        line = next(line for line in out.splitlines() if f"] {name}: nice -n 10 " in line)
+        assert "--device cpu" in line
+        assert ("--jobs 3" in line) == (name == "fig1a")
     assert not (tmp_path / "logs").exists()
     assert reproduce.main(common + ["--only", "table1", "--no-estimate"]) == 0
     record = json.loads((tmp_path / "res" / "table1-w16-embedded.json").read_text())
@@ -301,3 +338,14 @@ def test_reproduce_runs_resumably(tmp_path, capsys):
     capsys.readouterr()
     assert reproduce.main(common + ["--only", "table1"]) == 0
     assert "table1: record complete, skipped" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("script", [table1.parse, sparse_ablation.main])
+def test_mnist_scripts_say_where_the_data_must_come_from(script, monkeypatch, capsys):
+    monkeypatch.delenv("PYRO_VDROP_MNIST_DIR", raising=False)
+    with pytest.raises(SystemExit):
+        script(["--dataset", "mnist"])
+    assert "give --data-dir or set PYRO_VDROP_MNIST_DIR" in capsys.readouterr().err
+    monkeypatch.setenv("PYRO_VDROP_MNIST_DIR", "some/folder")
+    assert table1.parse([]).data_dir == "some/folder"
+    assert table1.parse(["--dataset", "embedded", "--data-dir", "x"]).data_dir is None
