@@ -263,21 +263,27 @@ def run_parallel(args, argv, cells) -> list[str]:
     logs = Path(args.run_root) / f"fig1a-{args.epochs}ep{args.suffix}"
     logs.mkdir(parents=True, exist_ok=True)
     queue, running, failed = list(cells), {}, []
-    while queue or running:
-        while queue and len(running) < args.jobs:
-            width, method = queue.pop(0)
-            log = open(logs / f"w{width}-{method}.log", "a")
-            cmd = [sys.executable, "-m", "benchmarks.fig1a", *cell_argv(argv, width, method)]
-            running[f"w{width}-{method}"] = (subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT), log)
-            print(f"fig1a w{width} {method}: started (log {log.name})", flush=True)
-        time.sleep(0.2)
-        for name, (proc, log) in list(running.items()):
-            if proc.poll() is not None:
-                log.close()
-                del running[name]
-                print(f"fig1a {name}: {'done' if proc.returncode == 0 else f'FAILED (exit {proc.returncode})'}")
-                if proc.returncode != 0:
-                    failed.append(name)
+    try:
+        while queue or running:
+            while queue and len(running) < args.jobs:
+                width, method = queue.pop(0)
+                log = open(logs / f"w{width}-{method}.log", "a")
+                cmd = [sys.executable, "-m", "benchmarks.fig1a", *cell_argv(argv, width, method)]
+                running[f"w{width}-{method}"] = (subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT), log)
+                print(f"fig1a w{width} {method}: started (log {log.name})", flush=True)
+            time.sleep(0.2)
+            for name, (proc, log) in list(running.items()):
+                if proc.poll() is not None:
+                    log.close()
+                    del running[name]
+                    print(f"fig1a {name}: {'done' if proc.returncode == 0 else f'FAILED (exit {proc.returncode})'}")
+                    if proc.returncode != 0:
+                        failed.append(name)
+    finally:  # interrupted: stop the cells still running (each resumes from its checkpoint on the next run)
+        for proc, log in running.values():
+            proc.terminate()
+            proc.wait()
+            log.close()
     return failed
 
 

@@ -58,9 +58,18 @@ def _ratio(point, m, name, layer):
     return row[name]["random_batches"][layer] / row["lrt"]["random_batches"][layer]
 
 
+def table1_records(results: Path) -> list[tuple[Path, dict]]:
+    """The Table 1 records (``table1-w<W>.json`` and ``table1-w<W>-<device>.json``), widest first."""
+    found = []
+    for p in results.glob("table1-w*.json"):
+        m = re.fullmatch(r"table1-w(\d+)(-cuda)?\.json", p.name)
+        if m:
+            found.append((int(m.group(1)), p.name, p))
+    return [(p, _load(p)) for _, _, p in sorted(found, key=lambda t: (-t[0], t[1]))]
+
+
 def table1_rows(results: Path) -> list[dict]:
-    path = _largest(results.glob("table1-w*.json"), r"table1-w(\d+)\.json")
-    record = None if path is None else _load(path)
+    records = table1_records(results)
     rows = []
     claims = [
         ("single weight sample", "10", "6.3× top, 4.5× bottom"),
@@ -71,7 +80,9 @@ def table1_rows(results: Path) -> list[dict]:
         short = "single-sample" if name.startswith("single") else "per-example"
         claim = f"Table 1: {short} / LRT gradient variance, {epochs} epochs (M = 1000)"
         ours = NOT_RUN
-        if record is not None and epochs in record["points"]:
+        # each row from the widest record that has its measurement point
+        path, record = next(((p, r) for p, r in records if epochs in r["points"]), (None, None))
+        if record is not None:
             point = record["points"][epochs]
             parts = []
             for m in record["protocol"]["measure_batch"]:

@@ -290,6 +290,16 @@ def test_paper_table_from_synthetic_records(tmp_path):
     assert t10["ours"].startswith("6.3× top, 1.5× bottom at M = 1000 (width 500; mean log α -0.5, -1.2")
     assert t10["record"] == "`results/table1-w500.json`"
     assert rows["Table 1: single-sample / LRT gradient variance, 100 epochs (M = 1000)"]["ours"] == "not run"
+    # a row comes from the widest record that has its point: here the 100-epoch point of a CUDA record
+    cuda = _table1_record(500, 3.6e3, 1e3)
+    cuda["points"] = {"100": cuda["points"]["10"]}
+    cuda["command"] += " --device cuda"
+    (res / "table1-w500-cuda.json").write_text(json.dumps(cuda))
+    rows = {r["claim"]: r for r in paper_table.rows(res)}
+    t100 = rows["Table 1: single-sample / LRT gradient variance, 100 epochs (M = 1000)"]
+    assert t100["ours"].startswith("3.6× top") and t100["record"] == "`results/table1-w500-cuda.json`"
+    assert t100["command"].endswith("--device cuda")
+    assert rows["Table 1: single-sample / LRT gradient variance, 10 epochs (M = 1000)"] == t10
     assert rows["Fig. 1a: variational dropout A at 100 units"]["ours"] == "1.41 % (50 epochs)"
     assert rows["Fig. 1a: variational dropout A2 at 1250 units"]["ours"] == "not run"
     beats = rows["Fig. 1a: variational dropout matches or beats Bernoulli and Gaussian dropout"]["ours"]
