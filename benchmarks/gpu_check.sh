@@ -22,31 +22,10 @@ TESTS_TIMEOUT=${GPU_CHECK_TESTS_TIMEOUT:-120}
 SMOKE_TIMEOUT=${GPU_CHECK_SMOKE_TIMEOUT:-60}
 SUITE_TIMEOUT=${GPU_CHECK_SUITE_TIMEOUT:-360}
 
-if ! "$PY" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)"; then
-    echo "gpu_check: skipped: CUDA is not available here (torch $("$PY" -c 'import torch; print(torch.__version__)'))"
-    exit 0
-fi
-mkdir -p "$OUT_DIR"
-"$PY" -c "import torch; print('gpu_check:', torch.cuda.get_device_name(0), 'torch', torch.__version__, 'CUDA', torch.version.cuda)"
-
-status=0
-run_part() {  # name, timeout, command...
-    local name=$1 limit=$2
-    shift 2
-    local start=$SECONDS
-    timeout --kill-after=10 "$limit" "$@" 2>&1 | tee "$OUT_DIR/gpu_check-$name.log"
-    local rc=${PIPESTATUS[0]}
-    if [ "$rc" -eq 0 ]; then
-        echo "gpu_check: $name passed ($((SECONDS - start)) s)"
-    elif [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ]; then
-        echo "gpu_check: $name TIMED OUT after $limit s"
-        status=1
-    else
-        echo "gpu_check: $name FAILED (exit $rc)"
-        status=1
-    fi
-    return 0
-}
+SCRIPT=gpu_check
+# shellcheck source=benchmarks/gpu_common.sh
+. benchmarks/gpu_common.sh
+require_cuda
 
 run_part tests "$TESTS_TIMEOUT" env OMP_NUM_THREADS=1 "$PY" -m pytest tests -q -p no:cacheprovider -k cuda
 run_part smoke "$SMOKE_TIMEOUT" "$PY" -m benchmarks.run --device cuda --quick \

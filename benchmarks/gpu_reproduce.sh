@@ -8,8 +8,9 @@
 #   1. [1, Table 1] at width 500, 10 and 100 epochs, M = 1000 and 100, on CUDA        timeout TABLE1_TIMEOUT (300 s)
 #   2. [1, Fig. 1a]: the widths × methods grid, GPU_FIG1A_JOBS cells at a time        timeout FIG1A_TIMEOUT (240 s)
 #
-# Records go to OUT_DIR (default benchmarks/results), run folders to OUT_DIR/runs, logs to OUT_DIR/gpu_reproduce-*.log.
-# Without CUDA it says so and exits 0. Exit status: 0 if every part finished, 1 if one failed or ran out of time.
+# Records go to OUT_DIR (default benchmarks/results), run folders to OUT_DIR/runs, each part's output to the
+# terminal and OUT_DIR/gpu_reproduce-<part>.log. Without CUDA it says so and exits 0. Exit status: 0 if every part
+# finished, 1 if one failed or ran out of time.
 #
 # Usage: MNIST=path/to/mnist bash benchmarks/gpu_reproduce.sh [OUT_DIR]   (default MNIST: $PYRO_VDROP_MNIST_DIR)
 
@@ -27,28 +28,11 @@ if [ -z "$MNIST" ]; then
     echo "gpu_reproduce: set MNIST or PYRO_VDROP_MNIST_DIR to the MNIST folder" >&2
     exit 2
 fi
-if ! "$PY" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)"; then
-    echo "gpu_reproduce: skipped: CUDA is not available here"
-    exit 0
-fi
+SCRIPT=gpu_reproduce
+# shellcheck source=benchmarks/gpu_common.sh
+. benchmarks/gpu_common.sh
+require_cuda
 mkdir -p "$OUT_DIR/runs"
-"$PY" -c "import torch; print('gpu_reproduce:', torch.cuda.get_device_name(0), 'torch', torch.__version__)"
-
-status=0
-run_part() {  # name, timeout, command...
-    local name=$1 limit=$2
-    shift 2
-    local start=$SECONDS
-    timeout --kill-after=10 "$limit" "$@" > "$OUT_DIR/gpu_reproduce-$name.log" 2>&1
-    local rc=$?
-    tail -n 25 "$OUT_DIR/gpu_reproduce-$name.log"
-    if [ "$rc" -eq 0 ]; then
-        echo "gpu_reproduce: $name finished ($((SECONDS - start)) s)"
-    else
-        echo "gpu_reproduce: $name stopped (exit $rc after $((SECONDS - start)) s; 124/137: out of time)"
-        status=1
-    fi
-}
 
 run_part table1 "$TABLE1_TIMEOUT" "$PY" -m benchmarks.table1 --width 500 --epochs 10 100 --device cuda \
     --data-dir "$MNIST" --run-dir "$OUT_DIR/runs/table1-w500" --out "$OUT_DIR/table1-w500-cuda.json"

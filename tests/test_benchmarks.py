@@ -205,18 +205,30 @@ def test_validated_variants_validate(name):
     assert not pyro.poutine.util.is_validation_enabled()
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the script's path without CUDA")
-def test_gpu_check_skips_without_cuda(tmp_path):
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the scripts' path without CUDA")
+@pytest.mark.parametrize("script", ["gpu_check.sh", "gpu_reproduce.sh"])
+def test_gpu_scripts_skip_without_cuda(tmp_path, script):
     proc = subprocess.run(
-        ["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), str(tmp_path / "out")],
+        ["bash", str(ROOT / "benchmarks" / script), str(tmp_path / "out")],
         capture_output=True,
         text=True,
-        env={"PATH": "/usr/bin:/bin", "PYTHON": sys.executable},
+        env={"PATH": "/usr/bin:/bin", "PYTHON": sys.executable, "MNIST": str(tmp_path)},
         timeout=120,
     )
     assert proc.returncode == 0, proc.stderr
-    assert "skipped: CUDA is not available" in proc.stdout
+    assert f"{script[:-3]}: skipped: CUDA is not available" in proc.stdout
     assert not (tmp_path / "out").exists()  # nothing was run
+
+
+def test_gpu_reproduce_needs_the_mnist_folder(tmp_path):
+    proc = subprocess.run(
+        ["bash", str(ROOT / "benchmarks" / "gpu_reproduce.sh"), str(tmp_path / "out")],
+        capture_output=True,
+        text=True,
+        env={"PATH": "/usr/bin:/bin", "PYTHON": sys.executable},
+        timeout=60,
+    )
+    assert proc.returncode == 2 and "set MNIST or PYRO_VDROP_MNIST_DIR" in proc.stderr
 
 
 def test_saved_tensors_of_the_lrt_step():
