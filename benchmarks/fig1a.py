@@ -16,8 +16,9 @@ when interrupted, and its record ``benchmarks/results/fig1a/w<W>-<method>-<E>ep.
 configuration, learning curve, final errors) is written when it ends; a cell whose record exists is skipped, so
 rerunning the grid continues it. ``--jobs N`` trains N cells at once, each in its own process of this script with
 its output in ``runs/benchmarks/fig1a-<E>ep/w<W>-<method>.log``. ``--plot`` draws test error against width, one
-line per method, from the records (needs matplotlib: ``pip install pyro-vdrop[plot]``). Needs the MNIST files
-(``--data-dir`` or ``$PYRO_VDROP_MNIST_DIR``) unless ``--dataset embedded``.
+line per method, and the learning curves (``fig1a-<E>ep-curves.png``: test error against epoch per width), from the
+records (needs matplotlib: ``pip install pyro-vdrop[plot]``). Needs the MNIST files (``--data-dir`` or
+``$PYRO_VDROP_MNIST_DIR``) unless ``--dataset embedded``.
 
 [1] Kingma, Salimans, Welling. "Variational Dropout and the Local Reparameterization Trick." NeurIPS 2015.
 """
@@ -226,6 +227,35 @@ def plot(results, epochs, out, suffix="") -> Path:
     return out
 
 
+def plot_curves(results, epochs, out, suffix="") -> Path:
+    """The learning curves behind the figure: test error (%) against epoch, one panel per width, a line per method."""
+    from pyro_vdrop.train.report import _import_pyplot, _save_figure
+
+    plt = _import_pyplot()
+    cells = collect(results, epochs, suffix)
+    if not cells:
+        raise FileNotFoundError(f"no fig1a records for {epochs} epochs in {Path(results) / 'fig1a'}")
+    widths = sorted({w for row in cells.values() for w in row})
+    fig, axes = plt.subplots(1, len(widths), figsize=(4 * len(widths), 3.5), squeeze=False, sharey=True)
+    for ax, width in zip(axes[0], widths):
+        for method in METHODS:
+            record = cells.get(method, {}).get(width)
+            if record is not None:
+                curve = record["metrics"]
+                ax.plot([m["epoch"] for m in curve], [100 * m["test_error"] for m in curve], label=LABELS[method])
+        ax.set_title(f"{width} hidden units")
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("test error (%)")
+    axes[0][0].legend(fontsize="small")
+    fig.tight_layout()
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    _save_figure(fig, out)
+    plt.close(fig)
+    return out
+
+
 def table_text(cells, widths) -> str:
     lines = [f"| {'method':<24} |" + "".join(f" {f'w={w}':>8} |" for w in widths)]
     lines.append(f"|{'-' * 26}|" + f"{'-' * 10}|" * len(widths))
@@ -317,8 +347,10 @@ def main(argv=None):
     args.suffix = "" if args.dataset == "mnist" else "-embedded"
     torch.set_num_threads(args.threads)
     png = Path(args.results) / f"fig1a-{args.epochs}ep{args.suffix}.png"
+    curves = png.with_name(f"fig1a-{args.epochs}ep{args.suffix}-curves.png")
     if args.plot:
         print(f"wrote {plot(args.results, args.epochs, png, args.suffix)}")
+        print(f"wrote {plot_curves(args.results, args.epochs, curves, args.suffix)}")
         return 0
     command = shlex.join(["python", "-m", "benchmarks.fig1a", *argv])
     if args.estimate:
@@ -361,6 +393,7 @@ def main(argv=None):
     print(table_text(collect(args.results, args.epochs, args.suffix), args.widths))
     try:
         print(f"wrote {plot(args.results, args.epochs, png, args.suffix)}")
+        print(f"wrote {plot_curves(args.results, args.epochs, curves, args.suffix)}")
     except RunError as e:  # matplotlib missing
         print(f"no plot: {e}")
     return 0

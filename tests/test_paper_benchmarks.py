@@ -147,6 +147,7 @@ def test_fig1a_quick_grid_skips_done_cells(tmp_path, capsys):
     pytest.importorskip("matplotlib")
     assert fig1a.main(args + ["--plot"]) == 0
     assert (tmp_path / "res" / "fig1a-2ep-embedded.png").stat().st_size > 1000
+    assert (tmp_path / "res" / "fig1a-2ep-embedded-curves.png").stat().st_size > 1000
 
 
 def test_fig1a_cell_argv_narrows_the_grid_to_one_cell():
