@@ -410,6 +410,8 @@ def main(argv=None) -> dict | None:
         if epoch in args.epochs and str(epoch) not in record["points"]:
             t0 = time.perf_counter()
             point = {"mean_log_alpha": exp.mean_log_alpha(), "variances": exp.measure(epoch)}
+            # each point's own provenance: a record can gather points from several runs of the same options
+            point["command"], point["date"] = command, time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
             point["ratios"] = ratios(point)
             point["measure_seconds"] = time.perf_counter() - t0
             point["seconds_per_epoch"] = statistics.median(epoch_times)

@@ -66,6 +66,7 @@ def test_table1_quick_record_and_exact_resume(tmp_path):
                 assert r["fixed_batch"]["top"] > 0
         assert row["no noise"]["fixed_batch"] == {"top": 0.0, "bottom": 0.0}  # no noise on one batch: no variance
     assert set(point["mean_log_alpha"]) == {"w0", "w1", "w2", "w3"}
+    assert point["command"].startswith("python -m benchmarks.table1 --dataset embedded")
     assert json.loads((tmp_path / "a.json").read_text())["points"].keys() == {"1", "2"}
 
     # interrupted after the first measurement point, then rerun: the record continues, with the same numbers
