@@ -101,7 +101,7 @@ def table1_rows(results: Path) -> list[dict]:
                 "claim": claim,
                 "published": published,
                 "ours": ours,
-                "command": record["command"] if record and ours != NOT_RUN else COMMANDS["table1"],
+                "command": point.get("command", record["command"]) if ours != NOT_RUN else COMMANDS["table1"],
                 "record": _rel(path, results) if record and ours != NOT_RUN else "–",
             }
         )
