@@ -203,7 +203,7 @@ def collect(results, epochs, suffix="") -> dict:
 
 def plot(results, epochs, out, suffix="") -> Path:
     """Test error (%) against hidden width, one line per method, like [1, Fig. 1a]."""
-    from pyro_vdrop.train.report import _import_pyplot, _save_figure
+    from pyro_vdrop.train.report import _import_pyplot
 
     plt = _import_pyplot()
     cells = collect(results, epochs, suffix)
@@ -219,6 +219,12 @@ def plot(results, epochs, out, suffix="") -> Path:
     ax.set_title(f"MNIST, 3 hidden layers, {epochs} epochs")
     ax.grid(alpha=0.3)
     ax.legend()
+    return _write_png(plt, fig, out)
+
+
+def _write_png(plt, fig, out) -> Path:
+    from pyro_vdrop.train.report import _save_figure
+
     fig.tight_layout()
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -229,7 +235,7 @@ def plot(results, epochs, out, suffix="") -> Path:
 
 def plot_curves(results, epochs, out, suffix="") -> Path:
     """The learning curves behind the figure: test error (%) against epoch, one panel per width, a line per method."""
-    from pyro_vdrop.train.report import _import_pyplot, _save_figure
+    from pyro_vdrop.train.report import _import_pyplot
 
     plt = _import_pyplot()
     cells = collect(results, epochs, suffix)
@@ -248,12 +254,7 @@ def plot_curves(results, epochs, out, suffix="") -> Path:
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("test error (%)")
     axes[0][0].legend(fontsize="small")
-    fig.tight_layout()
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    _save_figure(fig, out)
-    plt.close(fig)
-    return out
+    return _write_png(plt, fig, out)
 
 
 def table_text(cells, widths) -> str:
