@@ -32,7 +32,17 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.paper import RESULTS, epoch_logger, estimate_fit_seconds, hours, load_state, save_state, write_record
+from benchmarks.paper import (
+    RESULTS,
+    epoch_logger,
+    estimate_fit_seconds,
+    hours,
+    load_state,
+    restore_rng_state,
+    rng_state,
+    save_state,
+    write_record,
+)
 from pyro_vdrop.train import TrainConfig, environment, evaluate, fit, read_metrics
 from pyro_vdrop.train.components import load_data, seeded_generator, select_device
 from pyro_vdrop.train.errors import RunError
@@ -108,9 +118,7 @@ def train_bernoulli(config: TrainConfig, run_dir: Path, *, progress: bool) -> di
         net.load_state_dict(state["net"])
         opt.load_state_dict(state["opt"])
         sched.load_state_dict(state["sched"])
-        torch.set_rng_state(state["rng"])
-        if device.type == "cuda":
-            torch.cuda.set_rng_state(state["cuda_rng"], device)
+        restore_rng_state(state, device)
         history, epoch, elapsed = json.loads(state["history"]), int(state["epoch"]), float(state["elapsed"])
     while epoch < config.epochs:
         t0 = time.perf_counter()
@@ -140,8 +148,7 @@ def train_bernoulli(config: TrainConfig, run_dir: Path, *, progress: bool) -> di
                 "net": net.state_dict(),
                 "opt": opt.state_dict(),
                 "sched": sched.state_dict(),
-                "rng": torch.get_rng_state(),
-                **({"cuda_rng": torch.cuda.get_rng_state(device)} if device.type == "cuda" else {}),
+                **rng_state(device),
                 "history": json.dumps(history),
                 "epoch": epoch,
                 "elapsed": elapsed,

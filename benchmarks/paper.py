@@ -64,6 +64,29 @@ def load_state(path) -> dict:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
+def rng_state(device: torch.device) -> dict:
+    """The random number generators' state for a checkpoint: the CPU's, and CUDA's when ``device`` is CUDA."""
+    state = {"rng": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda_rng"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def restore_rng_state(state: dict, device: torch.device) -> None:
+    """
+    Restores what :func:`rng_state` saved. Raises when the checkpoint was written on another kind of device: the
+    noise would come from another generator, so the resumed run would not continue the interrupted one exactly.
+    """
+    written = "cuda" if "cuda_rng" in state else "cpu"
+    if written != device.type:
+        raise ValueError(
+            f"the checkpoint was written on {written!r}; resume it with --device {written} or use --restart"
+        )
+    torch.set_rng_state(state["rng"])
+    if device.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda_rng"], device)
+
+
 def fit_resumable(config, out, *, restart: bool = False, callback=None, command: str | None = None) -> tuple:
     """
     ``pyro_vdrop.train.fit(config, out)`` that continues the run in ``out`` when it holds a checkpoint (unless

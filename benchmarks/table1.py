@@ -38,7 +38,17 @@ import torch
 from pyro.infer import SVI, TraceMeanField_ELBO
 
 from benchmarks.grad_variance import make_model
-from benchmarks.paper import RESULTS, hours, load_state, read_record, resolve_mnist_dir, save_state, write_record
+from benchmarks.paper import (
+    RESULTS,
+    hours,
+    load_state,
+    read_record,
+    resolve_mnist_dir,
+    restore_rng_state,
+    rng_state,
+    save_state,
+    write_record,
+)
 from pyro_vdrop.infer import AutoVariationalDropout
 from pyro_vdrop.infer.gradient_variance import GRADIENT_ESTIMATORS, gradient_variance
 from pyro_vdrop.poutine import estimator_handler, local_reparam
@@ -155,8 +165,7 @@ class Experiment:
         return {
             "params": {k: store[k].unconstrained().detach().clone() for k in store.keys()},
             "optim": self.optim.get_state(),
-            "rng": torch.get_rng_state(),
-            **({"cuda_rng": torch.cuda.get_rng_state(self.device)} if self.device.type == "cuda" else {}),
+            **rng_state(self.device),
         }
 
     def restore(self, state: dict) -> None:
@@ -167,11 +176,7 @@ class Experiment:
             for k, v in state["params"].items():
                 store[k].unconstrained().copy_(v)
         self.optim.set_state(state["optim"])
-        torch.set_rng_state(state["rng"])
-        if self.device.type == "cuda":
-            if "cuda_rng" not in state:
-                raise ValueError("the checkpoint was written on the CPU; resume it with --device cpu or use --restart")
-            torch.cuda.set_rng_state(state["cuda_rng"], self.device)
+        restore_rng_state(state, self.device)
 
     def mean_log_alpha(self) -> dict:
         with torch.no_grad():

@@ -361,3 +361,18 @@ def test_mnist_scripts_say_where_the_data_must_come_from(script, monkeypatch, ca
     monkeypatch.setenv("PYRO_VDROP_MNIST_DIR", "some/folder")
     assert table1.parse([]).data_dir == "some/folder"
     assert table1.parse(["--dataset", "embedded", "--data-dir", "x"]).data_dir is None
+
+
+def test_checkpoint_rng_state_resumes_only_on_its_own_kind_of_device():
+    from benchmarks.paper import restore_rng_state, rng_state
+
+    cpu = torch.device("cpu")
+    state = rng_state(cpu)
+    expected = torch.rand(3)
+    restore_rng_state(state, cpu)
+    assert torch.equal(torch.rand(3), expected)  # the same stream continues
+    written_on_cuda = {**state, "cuda_rng": torch.zeros(16, dtype=torch.uint8)}
+    with pytest.raises(ValueError, match="written on 'cuda'; resume it with --device cuda or use --restart"):
+        restore_rng_state(written_on_cuda, cpu)
+    with pytest.raises(ValueError, match="written on 'cpu'; resume it with --device cpu"):
+        restore_rng_state(state, torch.device("cuda"))
