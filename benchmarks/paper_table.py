@@ -177,15 +177,19 @@ def sparse_rows(results: Path) -> list[dict]:
         r = _load(path)
         f = r["figures"]
         epochs = r["config"]["epochs"]
-        rows.append(
-            {
-                "claim": claim,
-                "published": published,
-                "ours": f"{100 * f['test_error_pruned']:.2f} % at {f['compression']:.0f}× ({epochs} epochs)",
-                "command": r["command"],
-                "record": _rel(path, results),
-            }
-        )
+        ours = f"{100 * f['test_error_pruned']:.2f} % at {f['compression']:.0f}× ({epochs} epochs)"
+        record = _rel(path, results)
+        seeds = sorted(results.glob(f"{path.stem}-seed*.json"))
+        if seeds:  # the same run with other seeds (``--seed N``): the seed-to-seed spread
+            figures = [f] + [_load(p)["figures"] for p in seeds]
+            errors = [100 * g["test_error_pruned"] for g in figures]
+            ratios = [g["compression"] for g in figures]
+            ours += (
+                f"; {len(figures)} seeds: mean {sum(errors) / len(errors):.2f} % "
+                f"({min(errors):.2f}–{max(errors):.2f} %) at {min(ratios):.0f}–{max(ratios):.0f}×"
+            )
+            record += f" and `{path.stem}-seed*.json`"
+        rows.append({"claim": claim, "published": published, "ours": ours, "command": r["command"], "record": record})
     return rows
 
 

@@ -43,8 +43,10 @@ PAPER = PAPERS["lenet300"]
 NAMES = {"lenet300": "LeNet-300-100", "lenet5": "LeNet-5-Caffe"}
 
 
-def record_name(model: str, epochs: int, dataset: str = "mnist") -> str:
-    return f"sparse_{model}-{epochs}ep" + ("" if dataset == "mnist" else "-embedded")
+def record_name(model: str, epochs: int, dataset: str = "mnist", seed: int = 0) -> str:
+    """The record's (and run folder's) name; seeds other than 0 get their own, so that a seed's run neither
+    resumes nor overwrites another's."""
+    return f"sparse_{model}-{epochs}ep" + ("" if dataset == "mnist" else "-embedded") + (f"-seed{seed}" if seed else "")
 
 
 def _config(args) -> TrainConfig:
@@ -112,7 +114,7 @@ def main(argv=None):
     if args.threads:
         torch.set_num_threads(args.threads)
     config = _config(args)
-    name = record_name(args.model, args.epochs, args.dataset)
+    name = record_name(args.model, args.epochs, args.dataset, args.seed)
     if args.estimate:
         e = estimate_fit_seconds(config)
         print(

@@ -3,6 +3,7 @@
 table and the driver; their resumption after an interruption."""
 
 import json
+from pathlib import Path
 
 import pyro
 import pytest
@@ -232,6 +233,21 @@ def test_sparse_lenet5_quick_resumes(tmp_path, monkeypatch):
     assert record["figures"]["compression"] >= 1
 
 
+def test_sparse_seed_runs_have_their_own_run_folder_and_record(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    args = [*SPARSE, "--epochs", "1", "--pretrain-epochs", "0", "--results", "res", "--no-progress"]
+    first = sparse_lenet300.main(args)
+    other = sparse_lenet300.main([*args, "--seed", "1"])
+    assert not other["resumed"] and other["config"]["seed"] == 1
+    assert other["run_dir"] == str(Path("runs/benchmarks/sparse_lenet300-1ep-embedded-seed1"))
+    assert sorted(p.name for p in (tmp_path / "res").iterdir()) == [
+        "sparse_lenet300-1ep-embedded-seed1.json",
+        "sparse_lenet300-1ep-embedded.json",
+    ]
+    assert json.loads((tmp_path / "res" / "sparse_lenet300-1ep-embedded.json").read_text())["config"]["seed"] == 0
+    assert first["run_dir"] == str(Path("runs/benchmarks/sparse_lenet300-1ep-embedded"))
+
+
 def test_sparse_ablation_records_each_variant_and_skips_done_ones(tmp_path, capsys):
     args = ["--dataset", "embedded", "--epochs", "1", "--train-subset", "200", "--test-subset", "100"]
     args += ["--run-root", str(tmp_path / "runs"), "--results", str(tmp_path / "res")]
@@ -312,6 +328,16 @@ def test_paper_table_from_synthetic_records(tmp_path):
     )
     lenet5 = rows["Sparse VD LeNet-5-Caffe (Molchanov et al. 2017)"]
     assert lenet5["ours"] == "not run" and "--model lenet5" in lenet5["command"]
+    # other seeds of the same run: their spread joins the row; a seed of a shorter run does not
+    for seed, err, ratio in ((1, 0.0190, 80.0), (2, 0.0196, 66.2)):
+        other = {**sparse, "figures": {"test_error_pruned": err, "compression": ratio}}
+        (res / f"sparse_lenet300-20ep-seed{seed}.json").write_text(json.dumps(other))
+    (res / "sparse_lenet300-10ep-seed3.json").write_text(json.dumps({**sparse, "config": {"epochs": 10}}))
+    lenet300 = {r["claim"]: r for r in paper_table.rows(res)}["Sparse VD LeNet-300-100 (Molchanov et al. 2017)"]
+    assert lenet300["ours"] == "1.84 % at 70× (20 epochs); 3 seeds: mean 1.90 % (1.84–1.96 %) at 66–80×"
+    assert lenet300["record"] == "`results/sparse_lenet300-20ep.json` and `sparse_lenet300-20ep-seed*.json`"
+    for seed in (1, 2):
+        (res / f"sparse_lenet300-20ep-seed{seed}.json").unlink()
 
     readme = tmp_path / "README.md"
     readme.write_text(f"# head\n\n{paper_table.START}\nold\n{paper_table.END}\n\ntail\n")
