@@ -48,8 +48,12 @@ from pyro_vdrop.train.components import load_data, seeded_generator, select_devi
 from pyro_vdrop.train.errors import RunError
 
 METHODS = ("bernoulli", "gaussian-dropout", "A", "A2", "B")
+#: Not in the default grid: Bernoulli dropout also on the pixels, where ``gaussian-dropout`` (and A's initial α)
+#: put noise: the input of every linear layer
+EXTRA_METHODS = ("bernoulli-inputs",)
 LABELS = {
     "bernoulli": "Bernoulli dropout p=0.5",
+    "bernoulli-inputs": "Bernoulli dropout p=0.5, inputs too",
     "gaussian-dropout": "Gaussian dropout",
     "A": "variational dropout A",
     "A2": "variational dropout A2",
@@ -74,7 +78,7 @@ def config_for(args, width, method) -> TrainConfig:
         data_dir=args.data_dir,
         train_subset=args.train_subset,
         test_subset=args.test_subset,
-        guide="gaussian-dropout" if method == "bernoulli" else method,
+        guide="gaussian-dropout" if method.startswith("bernoulli") else method,
         dropout_p=args.p,
         estimator="lrt",
         epochs=args.epochs,
@@ -87,18 +91,19 @@ def config_for(args, width, method) -> TrainConfig:
     )
 
 
-def train_bernoulli(config: TrainConfig, run_dir: Path, *, progress: bool) -> dict:
+def train_bernoulli(config: TrainConfig, run_dir: Path, *, progress: bool, inputs: bool = False) -> dict:
     """
     Plain training of the same network with ``nn.Dropout(p)`` after every hidden ReLU (Srivastava et al. 2014's
-    Bernoulli dropout on the hidden units), Adam with the run's learning-rate schedule; test error per epoch.
-    Checkpointed after every epoch in ``run_dir/bernoulli.pt`` and resumed from it.
+    Bernoulli dropout on the hidden units), and with ``inputs`` on the pixels too (the input of every linear
+    layer, where the Gaussian-dropout guide puts its noise); Adam with the run's learning-rate schedule; test
+    error per epoch. Checkpointed after every epoch in ``run_dir/bernoulli.pt`` and resumed from it.
     """
     from pyro_vdrop import nn as vnn
 
     device = select_device(config.device)
     torch.manual_seed(config.seed)
     base = vnn.mnist_mlp(config.width)
-    layers = []
+    layers = [torch.nn.Dropout(config.dropout_p)] if inputs else []
     for m in base.children():
         layers.append(m)
         if isinstance(m, torch.nn.ReLU):
@@ -162,9 +167,9 @@ def train_bernoulli(config: TrainConfig, run_dir: Path, *, progress: bool) -> di
 def run_cell(args, width, method, command) -> dict:
     config = config_for(args, width, method)
     run_dir = Path(args.run_root) / f"fig1a-{args.epochs}ep{args.suffix}" / f"w{width}-{method}"
-    if method == "bernoulli":
+    if method.startswith("bernoulli"):
         run_dir.mkdir(parents=True, exist_ok=True)
-        result = train_bernoulli(config, run_dir, progress=not args.no_progress)
+        result = train_bernoulli(config, run_dir, progress=not args.no_progress, inputs=method == "bernoulli-inputs")
         figures = {"test_error": result["test_error"], "test_error_mc": None, "test_nll_mc": None}
         summary, metrics = {"time": result["time"]}, result["metrics"]
     else:
@@ -217,7 +222,7 @@ def plot(results, epochs, out, suffix="") -> Path:
     if not cells:
         raise FileNotFoundError(f"no fig1a records for {epochs} epochs in {Path(results) / 'fig1a'}")
     fig, ax = plt.subplots(figsize=(5, 4))
-    for method in METHODS:
+    for method in METHODS + EXTRA_METHODS:
         if method in cells:
             widths = sorted(cells[method])
             ax.plot(widths, [100 * cells[method][w]["test_error"] for w in widths], "o-", label=LABELS[method])
@@ -251,7 +256,7 @@ def plot_curves(results, epochs, out, suffix="") -> Path:
     widths = sorted({w for row in cells.values() for w in row})
     fig, axes = plt.subplots(1, len(widths), figsize=(4 * len(widths), 3.5), squeeze=False, sharey=True)
     for ax, width in zip(axes[0], widths):
-        for method in METHODS:
+        for method in METHODS + EXTRA_METHODS:
             record = cells.get(method, {}).get(width)
             if record is not None:
                 curve = record["metrics"]
@@ -267,7 +272,7 @@ def plot_curves(results, epochs, out, suffix="") -> Path:
 def table_text(cells, widths) -> str:
     lines = [f"| {'method':<24} |" + "".join(f" {f'w={w}':>8} |" for w in widths)]
     lines.append(f"|{'-' * 26}|" + f"{'-' * 10}|" * len(widths))
-    for method in METHODS:
+    for method in (*METHODS, *(m for m in EXTRA_METHODS if m in cells)):
         row = cells.get(method, {})
         cells_text = "".join(f" {100 * row[w]['test_error']:>6.2f} % |" if w in row else f" {'–':>8} |" for w in widths)
         lines.append(f"| {LABELS[method]:<24} |" + cells_text)
@@ -328,7 +333,13 @@ def run_parallel(args, argv, cells) -> list[str]:
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--widths", type=int, nargs="+", default=list(WIDTHS), help="hidden units per layer")
-    parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
+    parser.add_argument(
+        "--methods",
+        nargs="+",
+        choices=METHODS + EXTRA_METHODS,
+        default=list(METHODS),
+        help="methods (default: the paper's five; bernoulli-inputs: Bernoulli dropout on the pixels too)",
+    )
     parser.add_argument("--epochs", type=int, default=100)
     parser.add_argument("--p", type=float, default=0.5, help="dropout rate (Bernoulli; Gaussian's equivalent)")
     parser.add_argument("--batch-size", type=int, default=100)
@@ -370,9 +381,9 @@ def main(argv=None):
                     continue
                 # Bernoulli dropout is a plain network: about a third of a Gaussian-dropout step
                 e = estimate_fit_seconds(
-                    config_for(args, width, "gaussian-dropout" if method == "bernoulli" else method)
+                    config_for(args, width, "gaussian-dropout" if method.startswith("bernoulli") else method)
                 )
-                seconds = e["seconds"] / (3 if method == "bernoulli" else 1)
+                seconds = e["seconds"] / (3 if method.startswith("bernoulli") else 1)
                 total += seconds
                 print(f"fig1a w{width} {method}: {1e3 * e['seconds_per_step']:.0f} ms/step, about {hours(seconds)}")
         print(f"fig1a grid, {args.epochs} epochs, cells without a record: about {hours(total)} in all", flush=True)

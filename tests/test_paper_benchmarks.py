@@ -206,6 +206,21 @@ def test_fig1a_bernoulli_resumes_exactly(tmp_path, monkeypatch):
     assert [{k: v for k, v in m.items() if k != "epoch_time"} for m in resumed["metrics"]] == strip
 
 
+def test_fig1a_bernoulli_inputs_drops_the_pixels_too(tmp_path, capsys):
+    args = FIG1A + ["--widths", "8", "--methods", "bernoulli", "bernoulli-inputs", "--results", str(tmp_path / "res")]
+    assert fig1a.main(args + ["--run-root", str(tmp_path / "runs")]) == 0
+    nets = {}
+    for method in ("bernoulli", "bernoulli-inputs"):
+        record = json.loads((tmp_path / "res" / "fig1a" / f"w8-{method}-2ep-embedded.json").read_text())
+        assert record["method"] == method and record["label"] == fig1a.LABELS[method]
+        state = fig1a.load_state(tmp_path / "runs" / "fig1a-2ep-embedded" / f"w8-{method}" / "bernoulli.pt")
+        nets[method] = state["net"]
+    # a dropout module before the first linear layer shifts every layer's index in the Sequential by one
+    shifted = {k.replace(k.split(".")[0], str(int(k.split(".")[0]) + 1), 1): v for k, v in nets["bernoulli"].items()}
+    assert shifted.keys() == nets["bernoulli-inputs"].keys()
+    assert "Bernoulli dropout p=0.5, inputs too" in capsys.readouterr().out  # the table has the extra row
+
+
 SPARSE = ["--dataset", "embedded", "--train-subset", "200", "--test-subset", "100", "--num-samples", "2"]
 SPARSE += ["--epochs", "2", "--pretrain-epochs", "1", "--kl-warmup-start", "0", "--kl-warmup", "1", "--threads", "1"]
 
