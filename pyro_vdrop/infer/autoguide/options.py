@@ -76,7 +76,8 @@ class VariationalDropoutOptions:
         Default ``"auto"``: ``(-8, 8)`` for the additive parameterization of independent noise [2], None otherwise
         (the group noise starts at log α = log σ² = -10, below the clip, where the clipped KL has no gradient).
     :param float max_log_alpha: Cap on the learned log α of the multiplicative parameterization,
-        applied by clamping in the forward pass (no gradient beyond it). Default ``"auto"``: 0
+        applied by clamping in the forward pass; above the cap only a gradient that lowers log α passes
+        (:class:`~pyro_vdrop.distributions.cap.Cap`), so that the cap is not a trap. Default ``"auto"``: 0
         (α ≤ 1 [1]), 8 for ``noise="group"`` (pruning needs log α above the threshold 3); None removes the cap
         (then prefer ``kl_approx="molchanov"``).
     :param input_dim: The input axis of each site: an int (a non-negative dim of the weight, i.e. of the
