@@ -92,6 +92,16 @@ def test_bad_arguments_exit_2(argv, message, capsys):
     assert message in capsys.readouterr().err
 
 
+def test_fit_init_log_alpha(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["fit", *TINY, "--guide", "B", "--init-log-alpha", "-1.5", "--epochs", "1", "--out", str(out)]) == 0
+    assert json.loads((out / "config.json").read_text())["config"]["init_log_alpha"] == -1.5
+    code = main(["fit", *TINY, "--init-log-alpha", "0", "--out", str(tmp_path / "sparse")])
+    assert code == 2 and "init_log_alpha applies to the guides that learn log α directly (A, A2, B)" in (
+        capsys.readouterr().err
+    )
+
+
 def test_data_dir_needs_mnist(tmp_path, capsys):
     assert main(["fit", *TINY, "--data-dir", str(tmp_path), "--out", str(tmp_path / "run")]) == 2
     assert "data_dir applies to dataset='mnist' only" in capsys.readouterr().err

@@ -102,6 +102,8 @@ def build_guide(model, config: TrainConfig, *, init_values: dict | None = None):
         overrides["dropout_rate"] = config.dropout_p
     if config.train_clip is not None:
         overrides["train_clip"] = config.train_clip
+    if config.init_log_alpha is not None:
+        overrides["init_log_alpha"] = config.init_log_alpha
     return AutoVariationalDropout(model, options=preset(config.guide, **overrides))
 
 

@@ -15,6 +15,8 @@ MODELS = ("mlp", "lenet300", "lenet5")
 DATASETS = ("embedded", "mnist")
 #: The guides: the paper variants of :data:`pyro_vdrop.infer.autoguide.PRESETS`.
 GUIDES = ("sparse", "A", "A2", "B", "gaussian-dropout", "group", "sbp")
+#: The guides whose parameter is log α itself (the paper's variants, α ≤ 1), which ``init_log_alpha`` sets
+LEARNED_ALPHA_GUIDES = ("A", "A2", "B")
 #: The estimators the training loop offers (:mod:`pyro_vdrop.poutine.estimators`; "per-example" is a diagnostic).
 ESTIMATORS = (LRT, FLIPOUT, SINGLE_SAMPLE, MEAN)
 DEVICES = ("auto", "cpu", "cuda")
@@ -122,6 +124,9 @@ class TrainConfig:
         0 in the guide's distribution, so the network trains without the weights pruning will remove (the
         ``train_clip`` of [2]'s reference code, at 3; see
         :class:`~pyro_vdrop.infer.autoguide.VariationalDropoutOptions`). Default None: off.
+    :param float init_log_alpha: ``guide="A"``, ``"A2"`` or ``"B"`` only: the initial log α of every weight (or
+        input unit). Default None: the guide's default, -4 (weak noise, so α rises while training); 0 starts at
+        α = 1, the Gaussian equivalent of Bernoulli dropout p = 0.5, which is also the cap on α.
     :param int epochs: Passes over the training data.
     :param int batch_size: Minibatch size :math:`M` (the data term is scaled by :math:`N/M`); the global
         minibatch when training in several processes, each of which takes :math:`M/P` examples per step.
@@ -190,6 +195,14 @@ class TrainConfig:
         metavar="LOG_ALPHA",
         group="variational dropout",
     )
+    init_log_alpha: float | None = option(
+        None,
+        "--guide A, A2 or B: the initial log alpha (default -4, weak noise; 0 is alpha = 1, the Gaussian "
+        "equivalent of Bernoulli dropout p = 0.5 and the cap on alpha)",
+        kind="finite_number",
+        metavar="LOG_ALPHA",
+        group="variational dropout",
+    )
     epochs: int = option(30, "passes over the training data", kind="positive_int", group="optimisation")
     batch_size: int = option(100, "minibatch size", kind="positive_int", metavar="M", group="optimisation")
     lr: float = option(3e-3, "Adam's learning rate", kind="positive_number", group="optimisation")
@@ -232,6 +245,11 @@ class TrainConfig:
             raise ValueError(
                 f"train_clip applies to guide='sparse' (σ² per weight) only; got guide={self.guide!r}: leave "
                 "train_clip unset"
+            )
+        if self.init_log_alpha is not None and self.guide not in LEARNED_ALPHA_GUIDES:
+            raise ValueError(
+                f"init_log_alpha applies to the guides that learn log α directly ({', '.join(LEARNED_ALPHA_GUIDES)}); "
+                f"got guide={self.guide!r}: leave init_log_alpha unset"
             )
         if self.guide == "sbp" and self.estimator == SINGLE_SAMPLE:
             raise ValueError(

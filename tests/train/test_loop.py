@@ -274,6 +274,25 @@ def test_evaluate_pruned_error_equals_pruned_network(trained_run):
     assert (trained_run / "evaluation.json").is_file()
 
 
+@pytest.mark.parametrize("guide", ["A", "A2", "B"])
+def test_init_log_alpha_reaches_the_guide(guide):
+    from pyro_vdrop.train.components import build_guide, build_model, build_network, load_data
+
+    config = tiny(guide=guide, init_log_alpha=-1.25)
+    x, y, _, _ = load_data(config)
+    model = build_model(build_network(config), num_data=len(x))
+    guide_fn = build_guide(model, config)
+    guide_fn(x[:10], y[:10])
+    log_alpha = guide_fn.log_alpha()
+    assert log_alpha and all(torch.all(v == -1.25) for v in log_alpha.values())
+    default = build_guide(model, tiny(guide=guide))
+    pyro.clear_param_store()
+    default(x[:10], y[:10])
+    assert all(torch.all(v == -4.0) for v in default.log_alpha().values())  # the guide's own default
+    with pytest.raises(ValueError, match="init_log_alpha applies to the guides that learn log α directly"):
+        tiny(guide="gaussian-dropout", init_log_alpha=0.0)
+
+
 def test_train_clip_run_is_its_own_pruned_network(tmp_path):
     # with train_clip at the pruning threshold, the guide's means are the pruned network's weights
     fit(tiny(epochs=4, lr=0.01, train_clip=0.0), tmp_path, progress=False)
