@@ -3,7 +3,9 @@
 Kingma et al.'s Fig. 1a [1] across widths: test error of the 3-hidden-layer ReLU network on MNIST against the
 hidden width, for Bernoulli dropout (p = 0.5 on the hidden units), Bernoulli-equivalent Gaussian dropout
 (α = p/(1-p) fixed), and variational dropout A (correlated noise), A2 (A with the KL scaled by 1/3) and B
-(independent noise), the Gaussian and variational ones trained with the local reparameterization trick.
+(independent noise), the Gaussian and variational ones trained with the local reparameterization trick. The
+variational ones start from the Gaussian dropout they generalise, log α = log(p/(1-p)) (``--init-log-alpha``), and
+learn α ≤ 1 from there.
 
     python -m benchmarks.fig1a --widths 100 500 1000 1250 --epochs 100      # the grid (days on a CPU)
     python -m benchmarks.fig1a --widths 100 --epochs 5 --methods A B        # a short run
@@ -25,6 +27,7 @@ records (needs matplotlib: ``pip install pyro-vdrop[plot]``). Needs the MNIST fi
 
 import argparse
 import json
+import math
 import shlex
 import sys
 import time
@@ -45,6 +48,7 @@ from benchmarks.paper import (
 )
 from pyro_vdrop.train import TrainConfig, environment, evaluate, fit, read_metrics
 from pyro_vdrop.train.components import load_data, seeded_generator, select_device
+from pyro_vdrop.train.config import LEARNED_ALPHA_GUIDES
 from pyro_vdrop.train.errors import RunError
 
 METHODS = ("bernoulli", "gaussian-dropout", "A", "A2", "B")
@@ -86,9 +90,17 @@ def config_for(args, width, method) -> TrainConfig:
         lr=args.lr,
         kl_warmup=args.kl_warmup,
         pretrain_epochs=0,
+        init_log_alpha=args.init_log_alpha if method in LEARNED_ALPHA_GUIDES else None,
         seed=args.seed,
         device=args.device,
     )
+
+
+def resolve_init_log_alpha(args):
+    """Sets ``args.init_log_alpha`` to log(p/(1-p)), Gaussian dropout's α for ``args.p``, unless it was given."""
+    if args.init_log_alpha is None:
+        args.init_log_alpha = math.log(args.p / (1 - args.p))
+    return args
 
 
 def train_bernoulli(config: TrainConfig, run_dir: Path, *, progress: bool, inputs: bool = False) -> dict:
@@ -342,6 +354,12 @@ def main(argv=None):
     )
     parser.add_argument("--epochs", type=int, default=100)
     parser.add_argument("--p", type=float, default=0.5, help="dropout rate (Bernoulli; Gaussian's equivalent)")
+    parser.add_argument(
+        "--init-log-alpha",
+        type=float,
+        default=None,
+        help="initial log alpha of A, A2, B (default log(p/(1-p)): the Gaussian dropout they generalise)",
+    )
     parser.add_argument("--batch-size", type=int, default=100)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--kl-warmup", type=float, default=0.0, help="epochs of KL warm-up (paper: none)")
@@ -363,6 +381,9 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.jobs < 1:
         parser.error("--jobs must be at least 1")
+    if not 0 < args.p < 1:
+        parser.error(f"--p must be in (0, 1), got {args.p}")
+    resolve_init_log_alpha(args)
     args.suffix = "" if args.dataset == "mnist" else "-embedded"
     torch.set_num_threads(args.threads)
     png = Path(args.results) / f"fig1a-{args.epochs}ep{args.suffix}.png"

@@ -3,6 +3,7 @@
 table and the driver; their resumption after an interruption."""
 
 import json
+import math
 from pathlib import Path
 
 import pyro
@@ -143,6 +144,8 @@ def test_fig1a_quick_grid_skips_done_cells(tmp_path, capsys):
         assert [m["epoch"] for m in record["metrics"]] == [1, 2]  # the learning curve
         assert 0 <= record["test_error"] <= 1
         assert record["command"].startswith("python -m benchmarks.fig1a")
+        # variational dropout starts at the Gaussian dropout of p = 0.5: log α = 0
+        assert record["config"]["init_log_alpha"] == (0.0 if method == "B" else None)
     capsys.readouterr()
     assert fig1a.main(args) == 0
     assert capsys.readouterr().out.count("exists, skipped") == 2
@@ -150,6 +153,21 @@ def test_fig1a_quick_grid_skips_done_cells(tmp_path, capsys):
     assert fig1a.main(args + ["--plot"]) == 0
     assert (tmp_path / "res" / "fig1a-2ep-embedded.png").stat().st_size > 1000
     assert (tmp_path / "res" / "fig1a-2ep-embedded-curves.png").stat().st_size > 1000
+
+
+def test_fig1a_init_log_alpha_follows_p_unless_given():
+    def config(*argv):
+        parser_args = fig1a.argparse.Namespace(
+            dataset="embedded", data_dir=None, train_subset=None, test_subset=None, epochs=1, batch_size=100,
+            lr=1e-3, kl_warmup=0.0, seed=0, device="cpu", p=0.5, init_log_alpha=None,
+        )  # fmt: skip
+        for flag, value in zip(argv[::2], argv[1::2]):
+            setattr(parser_args, flag, value)
+        return fig1a.config_for(fig1a.resolve_init_log_alpha(parser_args), 8, "A")
+
+    assert config().init_log_alpha == 0.0
+    assert config("p", 0.2).init_log_alpha == pytest.approx(math.log(0.25))
+    assert config("p", 0.2, "init_log_alpha", -3.0).init_log_alpha == -3.0
 
 
 def test_fig1a_cell_argv_narrows_the_grid_to_one_cell():
