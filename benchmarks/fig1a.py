@@ -313,8 +313,13 @@ def run_parallel(args, argv, cells) -> list[str]:
     (each resumable and writing its own record), with their output in ``<run root>/fig1a-<E>ep/w<W>-<method>.log``.
     Returns the cells that failed.
     """
+    import signal
     import subprocess
 
+    def interrupted(signum, frame):  # a SIGTERM stops the cells too, as Ctrl-C does, instead of orphaning them
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    previous = signal.signal(signal.SIGTERM, interrupted)
     logs = Path(args.run_root) / f"fig1a-{args.epochs}ep{args.suffix}"
     logs.mkdir(parents=True, exist_ok=True)
     queue, running, failed = list(cells), {}, []
@@ -335,6 +340,7 @@ def run_parallel(args, argv, cells) -> list[str]:
                     if proc.returncode != 0:
                         failed.append(name)
     finally:  # interrupted: stop the cells still running (each resumes from its checkpoint on the next run)
+        signal.signal(signal.SIGTERM, previous)
         for proc, log in running.values():
             proc.terminate()
             proc.wait()

@@ -196,6 +196,41 @@ def test_fig1a_parallel_cells_match_sequential_ones(tmp_path, capsys, monkeypatc
     assert "1 cell(s) failed: w8-B" in capsys.readouterr().out
 
 
+@pytest.mark.skipif(not Path("/proc/self/cmdline").is_file(), reason="reads the process table from /proc (Linux)")
+def test_fig1a_sigterm_stops_the_cells_too(tmp_path):
+    # killing the grid (SIGTERM, as `kill` or a job scheduler sends) must not leave its cells training on
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    root = Path(fig1a.__file__).resolve().parents[1]
+    run_root = tmp_path / "runs"
+    argv = [*FIG1A[:-3], "--epochs", "50", "--widths", "8", "--methods", "A", "B", "--jobs", "2"]
+    argv += ["--run-root", str(run_root), "--results", str(tmp_path / "res"), "--no-progress"]
+    env = {**__import__("os").environ, "OMP_NUM_THREADS": "1"}
+    grid = subprocess.Popen([sys.executable, "-m", "benchmarks.fig1a", *argv], cwd=root, env=env)
+
+    def cells():  # the processes, other than the grid, whose command line names this test's run root
+        found = []
+        for proc in Path("/proc").glob("[0-9]*"):
+            try:
+                cmdline = (proc / "cmdline").read_bytes().split(b"\0")
+            except OSError:  # gone meanwhile
+                continue
+            if str(run_root).encode() in cmdline and int(proc.name) != grid.pid:
+                found.append(int(proc.name))
+        return found
+
+    deadline = time.monotonic() + 60
+    while len(cells()) < 2 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert len(cells()) == 2, "the two cells did not start"
+    grid.send_signal(signal.SIGTERM)
+    grid.wait(timeout=60)
+    assert cells() == []
+
+
 def test_fig1a_bernoulli_resumes_exactly(tmp_path, monkeypatch):
     args = fig1a.argparse.Namespace(
         dataset="embedded", data_dir=None, train_subset=200, test_subset=100, p=0.5, epochs=3, batch_size=50,
