@@ -55,6 +55,8 @@ METHODS = ("bernoulli", "gaussian-dropout", "A", "A2", "B")
 #: Not in the default grid: Bernoulli dropout also on the pixels, where ``gaussian-dropout`` (and A's initial α)
 #: put noise: the input of every linear layer
 EXTRA_METHODS = ("bernoulli-inputs",)
+#: The methods trained as plain torch networks with ``nn.Dropout`` (:func:`train_bernoulli`), not with ``fit``
+BERNOULLI_METHODS = ("bernoulli", "bernoulli-inputs")
 LABELS = {
     "bernoulli": "Bernoulli dropout p=0.5",
     "bernoulli-inputs": "Bernoulli dropout p=0.5, inputs too",
@@ -82,7 +84,7 @@ def config_for(args, width, method) -> TrainConfig:
         data_dir=args.data_dir,
         train_subset=args.train_subset,
         test_subset=args.test_subset,
-        guide="gaussian-dropout" if method.startswith("bernoulli") else method,
+        guide="gaussian-dropout" if method in BERNOULLI_METHODS else method,
         dropout_p=args.p,
         estimator="lrt",
         epochs=args.epochs,
@@ -179,7 +181,7 @@ def train_bernoulli(config: TrainConfig, run_dir: Path, *, progress: bool, input
 def run_cell(args, width, method, command) -> dict:
     config = config_for(args, width, method)
     run_dir = Path(args.run_root) / f"fig1a-{args.epochs}ep{args.suffix}" / f"w{width}-{method}"
-    if method.startswith("bernoulli"):
+    if method in BERNOULLI_METHODS:
         run_dir.mkdir(parents=True, exist_ok=True)
         result = train_bernoulli(config, run_dir, progress=not args.no_progress, inputs=method == "bernoulli-inputs")
         figures = {"test_error": result["test_error"], "test_error_mc": None, "test_nll_mc": None}
@@ -408,9 +410,9 @@ def main(argv=None):
                     continue
                 # Bernoulli dropout is a plain network: about a third of a Gaussian-dropout step
                 e = estimate_fit_seconds(
-                    config_for(args, width, "gaussian-dropout" if method.startswith("bernoulli") else method)
+                    config_for(args, width, "gaussian-dropout" if method in BERNOULLI_METHODS else method)
                 )
-                seconds = e["seconds"] / (3 if method.startswith("bernoulli") else 1)
+                seconds = e["seconds"] / (3 if method in BERNOULLI_METHODS else 1)
                 total += seconds
                 print(f"fig1a w{width} {method}: {1e3 * e['seconds_per_step']:.0f} ms/step, about {hours(seconds)}")
         print(f"fig1a grid, {args.epochs} epochs, cells without a record: about {hours(total)} in all", flush=True)
