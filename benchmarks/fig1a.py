@@ -46,7 +46,7 @@ from benchmarks.paper import (
     save_state,
     write_record,
 )
-from pyro_vdrop.train import TrainConfig, environment, evaluate, fit, read_metrics
+from pyro_vdrop.train import TrainConfig, environment, evaluate, fit, open_run, read_metrics
 from pyro_vdrop.train.components import load_data, seeded_generator, select_device
 from pyro_vdrop.train.config import LEARNED_ALPHA_GUIDES
 from pyro_vdrop.train.errors import RunError
@@ -57,6 +57,8 @@ METHODS = ("bernoulli", "gaussian-dropout", "A", "A2", "B")
 EXTRA_METHODS = ("bernoulli-inputs",)
 #: The methods trained as plain torch networks with ``nn.Dropout`` (:func:`train_bernoulli`), not with ``fit``
 BERNOULLI_METHODS = ("bernoulli", "bernoulli-inputs")
+#: The methods that learn α (their records say where it ended: ``log_alpha``)
+LEARNED_ALPHA_METHODS = ("A", "A2", "B")
 LABELS = {
     "bernoulli": "Bernoulli dropout p=0.5",
     "bernoulli-inputs": "Bernoulli dropout p=0.5, inputs too",
@@ -178,6 +180,39 @@ def train_bernoulli(config: TrainConfig, run_dir: Path, *, progress: bool, input
     return {"test_error": history[-1]["test_error"], "time": elapsed, "metrics": history}
 
 
+def log_alpha_summary(run_dir) -> dict:
+    """
+    The learned α of a variational-dropout cell, per weight site: the mean log α in force (after the cap) over the
+    site's weights, the share of its weights at the cap (α = 1, Gaussian dropout's p = 0.5), and the cap.
+    """
+    session, _ = open_run(run_dir, device="cpu")
+    guide = session.guide
+    cap = guide.max_log_alpha
+    with torch.no_grad():
+        return {
+            name: {
+                "mean": value.mean().item(),
+                "at_cap": None if cap is None else (value >= cap - 1e-3).double().mean().item(),
+                "cap": cap,
+            }
+            for name, value in guide.log_alpha().items()
+        }
+
+
+def add_log_alpha(path: Path) -> None:
+    """Adds :func:`log_alpha_summary` to a variational-dropout cell's record written without it, from its run."""
+    record = json.loads(path.read_text())
+    run_dir = Path(record.get("run_dir", ""))
+    if record.get("method") not in LEARNED_ALPHA_METHODS or "log_alpha" in record:
+        return
+    if not (run_dir / "checkpoint.pt").is_file():
+        print(f"  (no learned α in the record and no run at {run_dir} to read it from)", flush=True)
+        return
+    record["log_alpha"] = log_alpha_summary(run_dir)
+    write_record(path, record)
+    print(f"  added the learned α from {run_dir}", flush=True)
+
+
 def run_cell(args, width, method, command) -> dict:
     config = config_for(args, width, method)
     run_dir = Path(args.run_root) / f"fig1a-{args.epochs}ep{args.suffix}" / f"w{width}-{method}"
@@ -199,6 +234,8 @@ def run_cell(args, width, method, command) -> dict:
         )
         result = evaluate(run_dir, num_samples=args.num_samples)
         figures = {k: result[k] for k in ("test_error", "test_error_mc", "test_nll_mc")}
+        if method in LEARNED_ALPHA_METHODS:
+            figures["log_alpha"] = log_alpha_summary(run_dir)
         metrics = read_metrics(run_dir)
     return {
         "benchmark": "fig1a",
@@ -424,6 +461,7 @@ def main(argv=None):
             path = path.with_name(path.stem + args.suffix + ".json")
             if path.is_file():
                 print(f"fig1a w{width} {method}: record {path} exists, skipped", flush=True)
+                add_log_alpha(path)
             else:
                 pending.append((width, method, path))
     if args.jobs > 1:

@@ -146,9 +146,25 @@ def test_fig1a_quick_grid_skips_done_cells(tmp_path, capsys):
         assert record["command"].startswith("python -m benchmarks.fig1a")
         # variational dropout starts at the Gaussian dropout of p = 0.5: log α = 0
         assert record["config"]["init_log_alpha"] == (0.0 if method == "B" else None)
+    # where α ended, per weight site, read back from the run: B's log α has one value per weight, capped at 0
+    b_path = tmp_path / "res" / "fig1a" / "w8-B-2ep-embedded.json"
+    learned = json.loads(b_path.read_text())["log_alpha"]
+    session, _ = fig1a.open_run(tmp_path / "runs" / "fig1a-2ep-embedded" / "w8-B")
+    expected = session.guide.log_alpha()
+    assert set(learned) == set(expected) and len(learned) == 4
+    for name, entry in learned.items():
+        assert entry["cap"] == 0.0
+        assert entry["mean"] == pytest.approx(expected[name].mean().item(), abs=1e-6) and entry["mean"] <= 0.0
+        assert entry["at_cap"] == pytest.approx((expected[name] >= -1e-3).double().mean().item())
+    # a record written before the record kept α gets it when the grid passes by
+    record = json.loads(b_path.read_text())
+    del record["log_alpha"]
+    b_path.write_text(json.dumps(record))
     capsys.readouterr()
     assert fig1a.main(args) == 0
-    assert capsys.readouterr().out.count("exists, skipped") == 2
+    out = capsys.readouterr().out
+    assert out.count("exists, skipped") == 2 and out.count("added the learned α") == 1
+    assert json.loads(b_path.read_text())["log_alpha"] == learned
     pytest.importorskip("matplotlib")
     assert fig1a.main(args + ["--plot"]) == 0
     assert (tmp_path / "res" / "fig1a-2ep-embedded.png").stat().st_size > 1000
@@ -399,9 +415,10 @@ def test_paper_table_from_synthetic_records(tmp_path):
     assert rows["Table 1: single-sample / LRT gradient variance, 10 epochs (M = 1000)"] == t10
     assert rows["Fig. 1a: variational dropout A at 100 units"]["ours"] == "1.41 % (50 epochs)"
     assert rows["Fig. 1a: variational dropout A2 at 1250 units"]["ours"] == "not run"
-    beats = rows["Fig. 1a: variational dropout matches or beats Bernoulli and Gaussian dropout"]["ours"]
-    assert beats == "w100: yes (1.41 vs 1.52 %, 50 epochs); w500: no (1.70 vs 1.60 %, no gaussian-dropout run, 10 epochs)"
     beats = rows["Fig. 1a: variational dropout matches or beats Bernoulli and Gaussian dropout"]
+    assert beats["ours"] == (
+        "w100: yes (1.41 vs 1.52 %, 50 epochs); w500: no (1.70 vs 1.60 %, no gaussian-dropout run, 10 epochs)"
+    )
     assert beats["command"] == "python -m benchmarks.fig1a --epochs 50; python -m benchmarks.fig1a --epochs 10"
     assert beats["record"] == "`results/fig1a/w100-*-50ep.json`, `results/fig1a/w500-*-10ep.json`"
     lenet300 = rows["Sparse VD LeNet-300-100 (Molchanov et al. 2017)"]
