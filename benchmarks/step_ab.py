@@ -12,6 +12,9 @@ machine falls on every variant alike.
   ``sign`` (as now) against the bool masks and ``masked_fill_`` they used before
 - ``--what adam``: ``JointOptim(torch.optim.Adam, {"lr": 1e-3})`` (torch's default on CPU: the per-tensor loop)
   against ``foreach=True`` and ``fused=True``
+- ``--what fit-adam``: the step of ``pyro-vdrop fit``'s default run (its :class:`~pyro_vdrop.train.Session`:
+  sparse guide, LRT, ``JointLRScheduler``, embedded data, batch 100) with Adam's fused kernel (fit's choice where
+  torch has it) against the per-tensor loop
 
 Prints a table and writes ``benchmarks/results/step_ab-<what>.json``.
 
@@ -99,9 +102,41 @@ def make_step(optim_args, validate, fused=False, old_masks=False):
     return step
 
 
+def make_fit_steps(batch_size):
+    """``pyro-vdrop fit``'s default step with a fused and a looping Adam, on one session's model and guide."""
+    from pyro_vdrop.optim import JointLRScheduler
+    from pyro_vdrop.train import Session, TrainConfig, estimator_handler
+    from pyro_vdrop.train.config import LinearDecay
+
+    config = TrainConfig(batch_size=batch_size)
+    session = Session(config, device=torch.device("cpu"))
+    x, y = session.x_train[:batch_size], session.y_train[:batch_size]
+
+    def make_step(fused):
+        optim = JointLRScheduler(
+            torch.optim.lr_scheduler.LambdaLR,
+            {
+                "optimizer": torch.optim.Adam,
+                "optim_args": {"lr": config.lr, "fused": fused},
+                "lr_lambda": LinearDecay(session.total_steps, config.lr_decay),
+            },
+        )
+        svi = SVI(session.recorder(session.model), session.guide, optim, TraceMeanField_ELBO())
+
+        def step(_x, _y):
+            with estimator_handler(config.estimator):
+                loss = svi.step(x, y)
+            optim.step()
+            return loss
+
+        return step
+
+    return {"fused": make_step(True), "loop": make_step(False)}, "loop"
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--what", choices=("fused-lrt", "masks", "adam"), required=True)
+    parser.add_argument("--what", choices=("fused-lrt", "masks", "adam", "fit-adam"), required=True)
     parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--steps", type=int, default=10, help="steps per variant = rounds x steps")
     parser.add_argument("--warmup", type=int, default=5)
@@ -125,6 +160,9 @@ def main():
     elif args.what == "masks":
         variants = {"float": make_step(lr, validate), "bool": make_step(lr, validate, old_masks=True)}
         baseline = "bool"
+    elif args.what == "fit-adam":
+        pyro.enable_validation(validate)
+        variants, baseline = make_fit_steps(args.batch_size)
     else:
         variants = {
             "default": make_step(lr, validate),
@@ -162,7 +200,12 @@ def main():
         "benchmark": "step_ab",
         "what": args.what,
         "command": "python " + " ".join(sys.argv),
-        "description": f"README sparse-VD SVI step, MLP 784-300-100-10, batch {args.batch_size}, validation "
+        "description": (
+            "pyro-vdrop fit's default step (sparse guide, LRT, MLP 784-300-100-10, embedded data)"
+            if args.what == "fit-adam"
+            else "README sparse-VD SVI step, MLP 784-300-100-10"
+        )
+        + f", batch {args.batch_size}, validation "
         f"{args.validation}, {args.threads} thread(s), variants interleaved in {args.rounds} rounds",
         "results": rows,
         "machine": environment(),

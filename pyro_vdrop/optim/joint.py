@@ -21,6 +21,31 @@ def _same_hyperparameters(a: dict, b: dict) -> bool:
     return True
 
 
+def supports_fused(optimizer: Callable, device: torch.device | str, dtype: torch.dtype = torch.float32) -> bool:
+    """
+    Whether ``optimizer(params, fused=True)`` (torch's one-kernel update over all parameters, e.g. of
+    :class:`torch.optim.Adam`) runs with this torch build for parameters of ``dtype`` on ``device``: CUDA since torch
+    2.0, CPU since torch 2.4. It builds the optimizer for one scalar parameter and takes a step to find out.
+
+    Example::
+
+        args = {"lr": 1e-3, "fused": supports_fused(torch.optim.Adam, "cpu")}
+        optim = pyro_vdrop.optim.JointOptim(torch.optim.Adam, args)
+
+    :param optimizer: A :class:`torch.optim.Optimizer` class with a ``fused`` argument.
+    :param device: The parameters' device.
+    :param dtype: The parameters' floating dtype.
+    """
+    p = torch.zeros(1, device=device, dtype=dtype, requires_grad=True)
+    try:
+        probe = optimizer([p], fused=True)
+        p.grad = torch.ones_like(p)
+        probe.step()
+    except (RuntimeError, TypeError, ValueError):
+        return False
+    return True
+
+
 class JointOptim(PyroOptim):
     r"""
     A :class:`~pyro.optim.PyroOptim` that keeps **one** torch optimizer for all the parameters it is given,

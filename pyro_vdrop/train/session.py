@@ -110,14 +110,19 @@ class Session:
         self.guide(self.x_train[: self.batch_size], self.y_train[: self.batch_size])
         self.kl_scale = self.guide.kl_scale  # the variant's own KL factor (A2: 1/3); warm-up multiplies it
         self.recorder = ObservedLogits()
-        from pyro_vdrop.optim import JointLRScheduler
+        from pyro_vdrop.optim import JointLRScheduler, supports_fused
 
-        # one torch Adam and one LambdaLR for all parameters; the checkpoint format is pyro.optim.LambdaLR's
+        # one torch Adam and one LambdaLR for all parameters; the checkpoint format is pyro.optim.LambdaLR's. Adam's
+        # fused kernel where this torch has it for the device (its updates equal the loop's to float rounding); a
+        # resumed run keeps the kind of update its checkpoint was written with
+        adam_args = {"lr": config.lr}
+        if supports_fused(torch.optim.Adam, device):
+            adam_args["fused"] = True
         self.optim = JointLRScheduler(
             torch.optim.lr_scheduler.LambdaLR,
             {
                 "optimizer": torch.optim.Adam,
-                "optim_args": {"lr": config.lr},
+                "optim_args": adam_args,
                 "lr_lambda": LinearDecay(self.total_steps, config.lr_decay),
             },
         )

@@ -312,3 +312,20 @@ def _assert_equal_close(a, b):
     assert a.keys() == b.keys()
     for name in a:
         assert torch.allclose(a[name], b[name], rtol=1e-5, atol=1e-6), name
+
+
+class _NoFused(torch.optim.SGD):
+    """An optimizer whose fused path this torch build refuses, as torch < 2.4 does on CPU."""
+
+    def __init__(self, params, fused=False):
+        if fused:
+            raise RuntimeError("`fused=True` requires all the params to be floating point Tensors of supported devices")
+        super().__init__(params, lr=0.1)
+
+
+def test_supports_fused():
+    fused_cpu = torch.__version__ >= "2.4"  # torch's fused CPU kernels of Adam and SGD came in 2.4
+    assert pyro_vdrop.optim.supports_fused(torch.optim.Adam, "cpu") is fused_cpu
+    assert pyro_vdrop.optim.supports_fused(torch.optim.Adam, torch.device("cpu"), torch.float64) is fused_cpu
+    assert pyro_vdrop.optim.supports_fused(_NoFused, "cpu") is False
+    assert pyro_vdrop.optim.supports_fused(torch.optim.LBFGS, "cpu") is False  # no `fused` argument at all

@@ -8,6 +8,7 @@ import pytest
 import torch
 from pyro import poutine
 
+import pyro_vdrop.optim
 from pyro_vdrop.nn import prune
 from pyro_vdrop.train import (
     CHECKPOINT_FILE,
@@ -109,6 +110,23 @@ def test_checkpoint_of_pyro_lambda_lr_resumes_exactly(tmp_path, monkeypatch):
     _assert_same_state(
         load_checkpoint(tmp_path / "full" / CHECKPOINT_FILE), load_checkpoint(tmp_path / "cut" / CHECKPOINT_FILE)
     )
+
+
+def test_fit_uses_fused_adam_where_torch_has_it(tmp_path, monkeypatch):
+    # fit's Adam is torch's fused kernel where it runs; its training equals the loop's to float rounding
+    config = tiny(epochs=2)
+    fit(config, tmp_path / "fused", progress=False)
+    fused = load_checkpoint(tmp_path / "fused" / CHECKPOINT_FILE)
+    expected = pyro_vdrop.optim.supports_fused(torch.optim.Adam, "cpu")
+    assert all(entry["optimizer"]["param_groups"][0]["fused"] is expected for entry in fused["optim"].values())
+    monkeypatch.setattr(pyro_vdrop.optim, "supports_fused", lambda *args, **kwargs: False)
+    fit(config, tmp_path / "loop", progress=False)
+    loop = load_checkpoint(tmp_path / "loop" / CHECKPOINT_FILE)
+    assert not any(entry["optimizer"]["param_groups"][0]["fused"] for entry in loop["optim"].values())
+    for name, value in loop["param_store"]["params"].items():
+        torch.testing.assert_close(fused["param_store"]["params"][name], value, rtol=1e-4, atol=1e-5, msg=name)
+    for a, b in zip(fused["history"], loop["history"]):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-4)
 
 
 def test_resume_differs_without_restored_rng(tmp_path, monkeypatch):
