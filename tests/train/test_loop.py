@@ -118,7 +118,8 @@ def test_fit_uses_fused_adam_where_torch_has_it(tmp_path, monkeypatch):
     fit(config, tmp_path / "fused", progress=False)
     fused = load_checkpoint(tmp_path / "fused" / CHECKPOINT_FILE)
     expected = pyro_vdrop.optim.supports_fused(torch.optim.Adam, "cpu")
-    assert all(entry["optimizer"]["param_groups"][0]["fused"] is expected for entry in fused["optim"].values())
+    # torch writes "fused": None for an optimizer built without the argument
+    assert all(bool(entry["optimizer"]["param_groups"][0]["fused"]) is expected for entry in fused["optim"].values())
     monkeypatch.setattr(pyro_vdrop.optim, "supports_fused", lambda *args, **kwargs: False)
     fit(config, tmp_path / "loop", progress=False)
     loop = load_checkpoint(tmp_path / "loop" / CHECKPOINT_FILE)
